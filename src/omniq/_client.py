@@ -1,0 +1,454 @@
+"""``AsyncOmniQ`` and its sync twin ``OmniQ``: the application's entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any
+
+from . import _config
+from ._bridge import LoopThread
+from ._errors import ConfigurationError, TaskFailedError
+from ._eventlog import EventLog
+from ._events import Event, EventType
+from ._funcs import func_path
+from ._serialize import Serializer
+from ._task import Task, TaskStatus, new_task_id
+from .events.base import EventStorage
+from .queue.base import TaskQueue
+from .results.base import ResultStorage, TaskResult
+
+DEFAULT_RESULT_TTL = 24 * 3600.0
+
+
+class Settings:
+    """Defaults applied to every task of an OmniQ instance (each can be overridden per task)."""
+
+    def __init__(
+        self,
+        *,
+        max_retries: int = 0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 600.0,
+        timeout: float | None = None,
+        result_ttl: float | None = DEFAULT_RESULT_TTL,
+        store_results: bool = True,
+    ) -> None:
+        if max_retries < 0:
+            raise ConfigurationError("max_retries must be >= 0")
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.timeout = timeout
+        self.result_ttl = result_ttl
+        self.store_results = store_results
+
+
+class _Base:
+    """What both facades share and that does no I/O: building tasks and events."""
+
+    def __init__(
+        self,
+        task_queue: TaskQueue | str | None = None,
+        result_storage: ResultStorage | str | None = None,
+        event_storage: EventStorage | str | None = None,
+        *,
+        secret_key: bytes | str | None = None,
+        **settings: Any,
+    ) -> None:
+        queue_options: dict[str, Any] = {}
+        if secret_key is not None:
+            queue_options["serializer"] = Serializer(secret_key)
+        self.task_queue = _config.task_queue(task_queue, **queue_options)
+        if secret_key is not None and isinstance(task_queue, TaskQueue):
+            self.task_queue.serializer = queue_options["serializer"]
+        self.result_storage = _config.result_storage(result_storage, self.task_queue)
+        storage = _config.event_storage(event_storage)
+        self.event_log = EventLog(storage) if storage is not None else None
+        self.settings = Settings(**settings)
+        self.task_queue.observer = self._on_queue_transition
+
+    @property
+    def serializer(self) -> Serializer:
+        return self.task_queue.serializer
+
+    def _build_task(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        queue_name: str = "default",
+        priority: int = 0,
+        eta: datetime | float | None = None,
+        delay: timedelta | float | None = None,
+        ttl: timedelta | float | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        result_ttl: float | None = None,
+        task_id: str | None = None,
+    ) -> Task:
+        if not isinstance(queue_name, str) or not queue_name:
+            raise ConfigurationError("queue_name must be a non-empty string")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError(f"priority must be an int, not {priority!r}")
+        now = time.time()
+        return Task(
+            id=task_id or new_task_id(),
+            func=func_path(func),
+            args=tuple(args),
+            kwargs=kwargs,
+            queue_name=queue_name,
+            priority=priority,
+            enqueued_at=now,
+            due_at=_due_at(now, eta, delay),
+            expires_at=None if ttl is None else now + _seconds(ttl, "ttl"),
+            max_retries=self.settings.max_retries if max_retries is None else max_retries,
+            timeout=self.settings.timeout if timeout is None else timeout,
+            result_ttl=self.settings.result_ttl if result_ttl is None else result_ttl,
+        )
+
+    def _emit(self, type: EventType, task: Task, detail: str | None = None) -> None:
+        if self.event_log is not None:
+            self.event_log.emit(
+                Event(
+                    task_id=task.id,
+                    type=type,
+                    queue_name=task.queue_name,
+                    func=task.func,
+                    attempts=task.attempts,
+                    detail=detail,
+                )
+            )
+
+    def _on_queue_transition(self, task: Task, status: TaskStatus, reason: str) -> None:
+        self._emit(
+            EventType.EXPIRED if status is TaskStatus.EXPIRED else EventType.FAILED, task, reason
+        )
+
+    def _result_value(self, task_id: str, result: TaskResult) -> Any:
+        if not result.succeeded:
+            raise TaskFailedError(
+                task_id, result.exc_type or "Error", result.message or "", result.traceback
+            )
+        return None if result.value is None else self.serializer.decode_value(result.value)
+
+
+def _seconds(value: timedelta | float, name: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 0:
+        raise ConfigurationError(f"{name} must not be negative")
+    return seconds
+
+
+def _due_at(now: float, eta: datetime | float | None, delay: timedelta | float | None) -> float:
+    if eta is not None and delay is not None:
+        raise ConfigurationError("give eta or delay, not both")
+    if delay is not None:
+        return now + _seconds(delay, "delay")
+    if eta is None:
+        return now
+    if isinstance(eta, datetime):
+        if eta.tzinfo is None:
+            eta = eta.astimezone(timezone.utc)  # naive means local time, as datetime.now() gives
+        return eta.timestamp()
+    return float(eta)
+
+
+def _split_options(kwargs: dict[str, Any] | None, func_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for the function: ``**func_kwargs`` merged with ``kwargs=``."""
+    if kwargs is None:
+        return func_kwargs
+    return {**func_kwargs, **kwargs}
+
+
+class AsyncOmniQ(_Base):
+    """The async API. Use ``async with AsyncOmniQ(...) as omniq:``.
+
+    ``task_queue``, ``result_storage`` and ``event_storage`` are instances or
+    URLs (``sqlite:///omniq.db``, ``memory://``, ``redis://…``); unset ones come
+    from ``OMNIQ_TASK_QUEUE_URL`` / ``OMNIQ_RESULT_STORAGE_URL`` /
+    ``OMNIQ_EVENT_STORAGE_URL``; with nothing set, tasks and results live in
+    ``omniq.db`` in the working directory and events are off. Other keyword
+    arguments are task defaults (see :class:`Settings`) and ``secret_key`` to
+    sign payloads.
+    """
+
+    async def enqueue(
+        self,
+        func: Callable[..., Any] | str,
+        *args: Any,
+        queue_name: str = "default",
+        priority: int = 0,
+        eta: datetime | float | None = None,
+        delay: timedelta | float | None = None,
+        ttl: timedelta | float | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        result_ttl: float | None = None,
+        task_id: str | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **func_kwargs: Any,
+    ) -> str:
+        """Enqueue ``func(*args, **kwargs)``; returns the task id.
+
+        ``task_id`` makes the call idempotent: enqueuing a known id adds nothing.
+        """
+        self._bind_loop()
+        task = self._build_task(
+            func, args, _split_options(kwargs, func_kwargs),
+            queue_name=queue_name, priority=priority, eta=eta, delay=delay, ttl=ttl,
+            max_retries=max_retries, timeout=timeout, result_ttl=result_ttl, task_id=task_id,
+        )  # fmt: skip
+        inserted = await self.task_queue.enqueue_many([task])
+        if inserted[0]:
+            self._emit(EventType.ENQUEUED, task)
+        return task.id
+
+    async def enqueue_many(
+        self, func: Callable[..., Any] | str, calls: Iterable[Sequence[Any]], **options: Any
+    ) -> list[str]:
+        """Enqueue ``func(*call)`` for each tuple in ``calls``, in one round trip.
+
+        ``options`` are those of :meth:`enqueue` (``task_id`` excepted) and apply to every task.
+        """
+        self._bind_loop()
+        tasks = [self._build_task(func, _call_args(call), {}, **options) for call in calls]
+        inserted = await self.task_queue.enqueue_many(tasks)
+        for task, new in zip(tasks, inserted, strict=False):
+            if new:
+                self._emit(EventType.ENQUEUED, task)
+        return [task.id for task in tasks]
+
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the task's result and return it.
+
+        Raises ``TaskFailedError`` if the task failed for good, and ``TimeoutError``
+        if it did not finish within ``timeout`` seconds (None: wait as long as it takes).
+        """
+        result = await self.result_storage.wait(task_id, timeout)
+        if result is None:
+            raise TimeoutError(f"task {task_id} did not finish within {timeout} s")
+        return self._result_value(task_id, result)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task with its current ``status``, or None if unknown (or pruned)."""
+        return await self.task_queue.get_task(task_id)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a pending task; False if it already started, finished or is unknown."""
+        task = await self.task_queue.get_task(task_id)
+        cancelled = await self.task_queue.cancel(task_id)
+        if cancelled and task is not None:
+            self._emit(EventType.CANCELLED, task)
+        return cancelled
+
+    async def failed_tasks(self, queue_name: str | None = None, limit: int = 100) -> list[Task]:
+        """The dead letter: tasks that failed for good."""
+        return await self.task_queue.failed_tasks(queue_name, limit)
+
+    async def requeue(self, task_id: str) -> bool:
+        """Run a failed, cancelled or expired task again (attempts start over)."""
+        return await self.task_queue.requeue(task_id)
+
+    async def size(self, queue_name: str = "default") -> int:
+        return await self.task_queue.size(queue_name)
+
+    async def events(
+        self,
+        *,
+        task_id: str | None = None,
+        type: EventType | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Stored events (after writing what is buffered); empty when events are off."""
+        if self.event_log is None:
+            return []
+        await self.event_log.flush()
+        return await self.event_log.storage.query(
+            task_id=task_id, type=type, since=since, until=until, limit=limit
+        )
+
+    def worker(
+        self,
+        queues: Sequence[str] | str | None = None,
+        concurrency: int | None = None,
+        kind: str = "async",
+        **options: Any,
+    ) -> AsyncWorker:
+        """A worker for this instance's queues; ``await worker.run()`` or ``async with``."""
+        from ._worker import AsyncWorker
+
+        return AsyncWorker(self, queues=queues, concurrency=concurrency, kind=kind, **options)
+
+    def _bind_loop(self) -> None:
+        if self.event_log is not None and self.event_log._loop is None:
+            self.event_log.bind(asyncio.get_running_loop())
+
+    async def close(self) -> None:
+        if self.event_log is not None:
+            await self.event_log.flush()
+            await self.event_log.storage.close()
+        await self.result_storage.close()
+        await self.task_queue.close()
+
+    async def __aenter__(self) -> AsyncOmniQ:
+        self._bind_loop()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _call_args(call: Sequence[Any]) -> tuple[Any, ...]:
+    if not isinstance(call, (tuple, list)):
+        raise ConfigurationError(
+            f"enqueue_many takes one tuple of positional arguments per task, got {call!r}"
+        )
+    return tuple(call)
+
+
+class OmniQ:
+    """The sync API, for scripts, web handlers and threads: ``with OmniQ() as omniq:``.
+
+    Same arguments and method names as :class:`AsyncOmniQ`. Calls run on one
+    private event loop thread per instance; embedded backends (SQLite, memory)
+    enqueue directly in the caller's thread, which is faster than any hop.
+    Safe to call from several threads and from code that runs its own loop.
+    """
+
+    def __init__(
+        self,
+        task_queue: TaskQueue | str | None = None,
+        result_storage: ResultStorage | str | None = None,
+        event_storage: EventStorage | str | None = None,
+        **settings: Any,
+    ) -> None:
+        self._async = AsyncOmniQ(task_queue, result_storage, event_storage, **settings)
+        self._bridge = LoopThread()
+
+    @property
+    def task_queue(self) -> TaskQueue:
+        return self._async.task_queue
+
+    @property
+    def result_storage(self) -> ResultStorage:
+        return self._async.result_storage
+
+    @property
+    def settings(self) -> Settings:
+        return self._async.settings
+
+    def enqueue(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> str:
+        """Enqueue ``func(*args, **kwargs)``; see :meth:`AsyncOmniQ.enqueue`."""
+        queue = self._async.task_queue
+        if not queue.supports_blocking_put:
+            return self._bridge.run(self._async.enqueue(func, *args, **options))
+        known = {"kwargs", *_ENQUEUE_OPTIONS}
+        func_kwargs = {k: v for k, v in options.items() if k not in known}
+        task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
+        task = self._async._build_task(
+            func, args, _split_options(options.get("kwargs"), func_kwargs), **task_options
+        )
+        self._bind_events()
+        if queue.enqueue_blocking([task])[0]:
+            self._async._emit(EventType.ENQUEUED, task)
+        return task.id
+
+    def enqueue_many(
+        self, func: Callable[..., Any] | str, calls: Iterable[Sequence[Any]], **options: Any
+    ) -> list[str]:
+        """Enqueue ``func(*call)`` for each tuple in ``calls`` in one round trip."""
+        queue = self._async.task_queue
+        if not queue.supports_blocking_put:
+            return self._bridge.run(self._async.enqueue_many(func, calls, **options))
+        tasks = [self._async._build_task(func, _call_args(c), {}, **options) for c in calls]
+        self._bind_events()
+        for task, new in zip(tasks, queue.enqueue_blocking(tasks), strict=False):
+            if new:
+                self._async._emit(EventType.ENQUEUED, task)
+        return [task.id for task in tasks]
+
+    def get_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the task's result; see :meth:`AsyncOmniQ.get_result`."""
+        return self._bridge.run(self._async.get_result(task_id, timeout))
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._bridge.run(self._async.get_task(task_id))
+
+    def cancel(self, task_id: str) -> bool:
+        return self._bridge.run(self._async.cancel(task_id))
+
+    def failed_tasks(self, queue_name: str | None = None, limit: int = 100) -> list[Task]:
+        return self._bridge.run(self._async.failed_tasks(queue_name, limit))
+
+    def requeue(self, task_id: str) -> bool:
+        return self._bridge.run(self._async.requeue(task_id))
+
+    def size(self, queue_name: str = "default") -> int:
+        return self._bridge.run(self._async.size(queue_name))
+
+    def events(self, **filters: Any) -> list[Event]:
+        return self._bridge.run(self._async.events(**filters))
+
+    def worker(
+        self,
+        queues: Sequence[str] | str | None = None,
+        concurrency: int | None = None,
+        kind: str = "async",
+        **options: Any,
+    ) -> Worker:
+        """A worker: ``with omniq.worker():`` runs it in the background, ``.run()`` blocks."""
+        from ._worker import Worker
+
+        return Worker(self._async.worker(queues, concurrency, kind, **options), self._bridge)
+
+    def _bind_events(self) -> None:
+        log = self._async.event_log
+        if log is not None and log._loop is None:
+            log.bind(self._bridge.loop)
+
+    def close(self) -> None:
+        try:
+            self._bridge.run(self._async.close())
+        finally:
+            self._bridge.close()
+
+    def __enter__(self) -> OmniQ:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_ENQUEUE_OPTIONS = frozenset(
+    {
+        "queue_name",
+        "priority",
+        "eta",
+        "delay",
+        "ttl",
+        "max_retries",
+        "timeout",
+        "result_ttl",
+        "task_id",
+    }
+)
+
+if False:  # pragma: no cover - import cycle only for type checkers
+    from ._worker import AsyncWorker, Worker

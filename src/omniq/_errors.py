@@ -1,0 +1,47 @@
+"""Exceptions raised by OmniQ's public API."""
+
+from __future__ import annotations
+
+
+class OmniQError(Exception):
+    """Base class of every error OmniQ raises on purpose."""
+
+
+class ConfigurationError(OmniQError, ValueError):
+    """A setting, URL or component given to OmniQ is not usable."""
+
+
+class MissingDependencyError(OmniQError, ImportError):
+    """A backend was used whose optional driver is not installed.
+
+    The message names the extra to install, e.g. ``pip install 'omniq[redis]'``.
+    """
+
+
+class SerializationError(OmniQError, TypeError):
+    """A task argument or result cannot be encoded by the configured serializer.
+
+    Raised by ``enqueue`` before anything is stored.
+    """
+
+
+class TaskFailedError(OmniQError):
+    """The task raised an exception in the worker (or failed for good).
+
+    Carries what the worker saw: the remote exception's type name, its message
+    and the formatted traceback, since the exception object itself cannot
+    travel through the result storage.
+    """
+
+    def __init__(
+        self, task_id: str, exc_type: str, message: str, traceback: str | None = None
+    ) -> None:
+        super().__init__(f"task {task_id} failed: {exc_type}: {message}")
+        self.task_id = task_id
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+
+
+class TaskNotFoundError(OmniQError, LookupError):
+    """No task with this id is known to the queue or the result storage."""

@@ -1,0 +1,69 @@
+"""The task model: what ``enqueue`` stores and ``dequeue`` hands to a worker."""
+
+from __future__ import annotations
+
+import enum
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is in its life.
+
+    ``PENDING`` covers tasks waiting for their due time (``eta``, retry backoff)
+    as well as ready ones; ``RUNNING`` means leased by a worker.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+
+class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One call to run: ``func(*args, **kwargs)`` in ``queue_name``.
+
+    ``func`` is an import path (``"package.module:function"``), never code, so
+    a queue only ever names functions the worker can already import. Times are
+    Unix timestamps (seconds) so every backend orders on plain numbers; ``eta``
+    gives the due time as a ``datetime``.
+    """
+
+    id: str
+    func: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    queue_name: str = "default"
+    priority: int = 0
+    enqueued_at: float = 0.0
+    due_at: float = 0.0
+    expires_at: float | None = None
+    max_retries: int = 0
+    timeout: float | None = None
+    result_ttl: float | None = None
+    # Mutable state, kept by the queue backend, not by the encoded payload.
+    status: TaskStatus = TaskStatus.PENDING
+    attempts: int = 0
+    error: str | None = None
+    lease_id: str | None = None
+
+    @property
+    def eta(self) -> datetime | None:
+        """The due time, or None when the task was due as soon as enqueued."""
+        if self.due_at <= self.enqueued_at:
+            return None
+        return datetime.fromtimestamp(self.due_at, tz=timezone.utc)
+
+
+def new_task_id() -> str:
+    """A random 128-bit id as 32 hex characters (cheaper than ``uuid.uuid4``)."""
+    return os.urandom(16).hex()

@@ -1,0 +1,378 @@
+"""Workers: take tasks, run them, record the outcome.
+
+The life of one task, in named steps: claim (in batches, leased) → resolve the
+function → run it (with its timeout) → record the result → ack, or retry with
+backoff, or fail into the dead letter → emit events. Results and acks of
+tasks that finish close together are written in one batch each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ._bridge import LoopThread
+from ._errors import ConfigurationError
+from ._events import EventType
+from ._funcs import resolve
+from ._retry import backoff_delay
+from ._runners import ThreadRunner, is_async_callable
+from ._task import Task
+from .results.base import TaskResult
+
+if TYPE_CHECKING:
+    from ._client import AsyncOmniQ
+
+log = logging.getLogger("omniq.worker")
+
+KINDS = ("async", "thread")
+DEFAULT_CONCURRENCY = 8
+DEFAULT_SHUTDOWN_GRACE = 30.0
+_FETCH_WAIT = 5.0  # longest single dequeue wait; stop() interrupts it anyway
+
+
+class AsyncWorker:
+    """Runs tasks from ``queues`` (strict order) on the current event loop.
+
+    ``kind="async"`` awaits coroutine functions on the loop, ``concurrency``
+    at a time, and runs sync functions in a pool of ``concurrency`` threads;
+    ``kind="thread"`` runs every task in the thread pool (coroutines on a
+    per-thread loop). ``prefetch`` tasks beyond ``concurrency`` are claimed
+    ahead so a fast queue never waits on a round trip; they are given back
+    unstarted on shutdown. Leases of everything held are renewed every third
+    of the lease time.
+    """
+
+    def __init__(
+        self,
+        omniq: AsyncOmniQ,
+        *,
+        queues: Sequence[str] | str | None = None,
+        concurrency: int | None = None,
+        kind: str = "async",
+        prefetch: int | None = None,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        name: str | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ConfigurationError(
+                f"worker kind {kind!r} is not available; choose one of {', '.join(KINDS)}"
+            )
+        if isinstance(queues, str):
+            queues = [q.strip() for q in queues.split(",") if q.strip()]
+        self.omniq = omniq
+        self.queue = omniq.task_queue
+        self.queues = list(queues) if queues else list(self.queue.queues)
+        self.concurrency = concurrency or DEFAULT_CONCURRENCY
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        self.kind = kind
+        self.prefetch = self.concurrency if prefetch is None else prefetch
+        self.shutdown_grace = shutdown_grace
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
+        self.processed = 0
+        self.failed = 0
+        self._stop_requested = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._held: dict[str, Task] = {}  # leased by us: running or waiting to start
+        self._waiting: list[Task] = []  # prefetched, not started
+        self._running: set[asyncio.Task[None]] = set()
+        self._completions: list[tuple[Task, TaskResult | None]] = []
+        self._runner: ThreadRunner | None = None
+
+    # -- control ------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to stop taking work and finish what it runs (thread-safe)."""
+        self._stop_requested.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    async def run(self, burst: bool = False) -> None:
+        """Work until ``stop()`` (or, with ``burst``, until the queues are empty)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._runner = ThreadRunner(self.concurrency, name=f"omniq-{self.kind}")
+        self.omniq._bind_loop()
+        heartbeat = asyncio.ensure_future(self._heartbeat())
+        try:
+            await self._work(burst)
+        finally:
+            heartbeat.cancel()
+            await self._shutdown()
+            self._runner.close()
+            self._runner = None
+
+    async def __aenter__(self) -> AsyncWorker:
+        self._background = asyncio.ensure_future(self.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        await self._background
+
+    # -- the loop -----------------------------------------------------------------
+    async def _work(self, burst: bool) -> None:
+        while not self._stop_requested.is_set():
+            self._start_waiting()
+            room = self.concurrency + self.prefetch - len(self._held)
+            if room <= 0:
+                await self._wait_for_change()
+                continue
+            if burst and not self._held and not await self._has_pending():
+                return
+            for task in await self._fetch(room):
+                self._held[task.id] = task
+                self._waiting.append(task)
+
+    async def _fetch(self, room: int) -> list[Task]:
+        """Claim up to ``room`` tasks, waiting for work until a task of ours
+        finishes (there may be room to start one) or stop is requested."""
+        tasks = await self.queue.dequeue_many(room, self.queues, 0)
+        if tasks or self._stop_requested.is_set():
+            return tasks
+        assert self._wake is not None
+        fetch = asyncio.ensure_future(self.queue.dequeue_many(room, self.queues, _FETCH_WAIT))
+        woken = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait({fetch, woken}, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+        self._wake.clear()
+        if fetch.done():
+            return fetch.result()
+        fetch.cancel()
+        try:
+            return await fetch  # it may have claimed just before the cancel took effect
+        except asyncio.CancelledError:
+            return []
+
+    async def _has_pending(self) -> bool:
+        """Burst mode: is a task still waiting (maybe due later: eta, retry) in our queues?"""
+        for name in self.queues:
+            if await self.queue.size(name):
+                return True
+        return False
+
+    async def _wait_for_change(self, timeout: float | None = None) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.concurrency:
+            task = self._waiting.pop(0)
+            job = asyncio.ensure_future(self._process(task))
+            self._running.add(job)
+            job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Task[None]) -> None:
+        self._running.discard(job)
+        assert self._wake is not None
+        self._wake.set()
+
+    # -- one task -------------------------------------------------------------------
+    async def _process(self, task: Task) -> None:
+        self.omniq._emit(EventType.STARTED, task)
+        try:
+            value = await self._call(task)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await self._failed(task, exc)
+        else:
+            await self._succeeded(task, value)
+        finally:
+            self._held.pop(task.id, None)
+
+    async def _call(self, task: Task) -> Any:
+        func = resolve(task.func)
+        if self.kind == "async" and is_async_callable(func):
+            call = func(*task.args, **task.kwargs)
+        else:
+            assert self._runner is not None
+            call = self._runner.run(func, task.args, task.kwargs)
+        if task.timeout is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, task.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"task exceeded its timeout of {task.timeout} s") from None
+
+    async def _succeeded(self, task: Task, value: Any) -> None:
+        result = None
+        if self.omniq.settings.store_results:
+            try:
+                encoded = self.omniq.serializer.encode_value(value)
+            except TypeError as exc:
+                await self._failed(task, exc)
+                return
+            result = TaskResult(
+                task_id=task.id, succeeded=True, value=encoded, finished_at=time.time()
+            )
+        self._completions.append((task, result))
+        if len(self._completions) == 1:
+            await self._flush_completions()
+        self.processed += 1
+
+    async def _flush_completions(self) -> None:
+        """Write results, then acks, for every task that finished since the last flush."""
+        await asyncio.sleep(0)  # let tasks finishing in this same loop turn join the batch
+        batch, self._completions = self._completions, []
+        if not batch:
+            return
+        results = [(r, t.result_ttl) for t, r in batch if r is not None]
+        if results:
+            await self.omniq.result_storage.set_many(results)
+        acked = await self.queue.ack_many([t for t, _ in batch])
+        for (task, _), ok in zip(batch, acked, strict=False):
+            self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
+
+    async def _failed(self, task: Task, exc: BaseException) -> None:
+        self.failed += 1
+        error = f"{type(exc).__name__}: {exc}"
+        retryable = not isinstance(exc, ImportError) and task.attempts <= task.max_retries
+        if retryable:
+            settings = self.omniq.settings
+            delay = backoff_delay(task.attempts, settings.retry_backoff, settings.retry_backoff_max)
+            if await self.queue.nack(task, error=error, retry_at=time.time() + delay):
+                self.omniq._emit(EventType.RETRYING, task, f"{error} (retry in {delay:.3g} s)")
+            return
+        log.warning("task %s (%s) failed: %s", task.id, task.func, error)
+        result = TaskResult(
+            task_id=task.id,
+            succeeded=False,
+            exc_type=type(exc).__name__,
+            message=str(exc),
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            finished_at=time.time(),
+        )
+        await self.omniq.result_storage.set_many([(result, task.result_ttl)])
+        if await self.queue.nack(task, error=error):
+            self.omniq._emit(EventType.FAILED, task, error)
+
+    # -- leases and shutdown ---------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        interval = self.queue.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                extended = await self.queue.extend_lease(held)
+            except Exception:
+                log.exception("lease heartbeat failed; will retry")
+                continue
+            for task, ok in zip(held, extended, strict=False):
+                if not ok and task.id in self._held:
+                    log.warning("lease of task %s was lost; another worker may run it", task.id)
+                    self.omniq._emit(EventType.LEASE_LOST, task)
+
+    async def _shutdown(self) -> None:
+        """Give back unstarted tasks, let running ones finish within the grace period."""
+        waiting, self._waiting = self._waiting, []
+        for task in waiting:
+            self._held.pop(task.id, None)
+        await self.queue.release(waiting)
+        if self._running:
+            __, pending = await asyncio.wait(set(self._running), timeout=self.shutdown_grace)
+            for job in pending:
+                job.cancel()  # their leases expire and they are delivered again
+            if pending:
+                await asyncio.wait(pending)
+        await self._flush_completions()
+        if self.omniq.event_log is not None:
+            await self.omniq.event_log.flush()
+
+
+class Worker:
+    """The sync face of a worker, running it on the ``OmniQ`` instance's bridge loop.
+
+    ``with omniq.worker():`` works in the background for the block's duration;
+    ``run()`` blocks (``burst=True`` returns once the queues are empty) and
+    stops gracefully on SIGINT/SIGTERM when called from the main thread.
+    """
+
+    def __init__(self, worker: AsyncWorker, bridge: LoopThread) -> None:
+        self._worker = worker
+        self._bridge = bridge
+        self._future: Any = None
+
+    @property
+    def processed(self) -> int:
+        return self._worker.processed
+
+    @property
+    def failed(self) -> int:
+        return self._worker.failed
+
+    def stop(self) -> None:
+        self._worker.stop()
+
+    def run(self, burst: bool = False) -> None:
+        restore = _install_signal_handlers(self._worker.stop)
+        try:
+            future = self._bridge.submit(self._worker.run(burst))
+            while True:
+                try:
+                    future.result(timeout=0.5)  # wake regularly so signal handlers run
+                    return
+                except concurrent.futures.TimeoutError:
+                    continue
+        finally:
+            restore()
+
+    def __enter__(self) -> Worker:
+        self._future = self._bridge.submit(self._worker.run())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._worker.stop()
+        self._future.result()
+
+
+def _install_signal_handlers(stop: Any) -> Any:
+    """SIGINT/SIGTERM → graceful stop; a second signal stops at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    received = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+        log.info("received %s: finishing running tasks", signal.Signals(signum).name)
+        stop()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

@@ -1,0 +1,71 @@
+"""Waking waiters on any event loop or thread when new work may be there."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class Wakeup:
+    """A thread-safe broadcast: ``await wait(timeout)`` returns when ``notify()`` is called.
+
+    Waiters may sit on different event loops (the sync facade's bridge loop, a
+    worker thread's loop, the user's loop); ``notify`` reaches each on its own
+    loop. A notify with no waiters costs one uncontended lock, so producers can
+    call it on every enqueue.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        #: Counts notifies; a waiter passes the value it saw before looking for
+        #: work, so a notify that came in between is not lost.
+        self.generation = 0
+
+    async def wait(self, timeout: float | None, since: int | None = None) -> bool:
+        """Wait for a ``notify`` after generation ``since`` (default: from now on).
+
+        True if notified, False on timeout.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with self._lock:
+            if since is not None and since != self.generation:
+                return True
+            self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+
+    def notify(self) -> None:
+        with self._lock:
+            self.generation += 1
+            if not self._waiters:
+                return
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            if loop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                _wake(future)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # the loop closed between the check and the call
+                    pass
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -354,12 +354,12 @@ class OmniQ:
         queue = self._async.task_queue
         if not queue.supports_blocking_put:
             return self._bridge.run(self._async.enqueue(func, *args, **options))
-        known = {"kwargs", *_ENQUEUE_OPTIONS}
-        func_kwargs = {k: v for k, v in options.items() if k not in known}
-        task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
-        task = self._async._build_task(
-            func, args, _split_options(options.get("kwargs"), func_kwargs), **task_options
-        )
+        task_options: dict[str, Any] = {}
+        if options:
+            func_kwargs = {k: v for k, v in options.items() if k not in _ENQUEUE_OPTIONS}
+            task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
+            options = _split_options(func_kwargs.pop("kwargs", None), func_kwargs)
+        task = self._async._build_task(func, args, options, **task_options)
         self._bind_events()
         if queue.enqueue_blocking([task])[0]:
             self._async._emit(EventType.ENQUEUED, task)

@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,30 @@ _SCRIPT_SUFFIX = ".py"
 _resolved: dict[str, Callable[..., Any]] = {}
 
 
+_paths: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
+
+
 def func_path(func: Callable[..., Any] | str) -> str:
-    """The import path a worker will use to find ``func``."""
+    """The import path a worker will use to find ``func`` (cached: enqueue is a hot path)."""
     if isinstance(func, str):
         if ":" not in func:
             raise ConfigurationError(
                 f"{func!r} is not an import path; write it as 'package.module:function'"
             )
         return func
+    try:
+        return _paths[func]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable, not cached
+        pass
+    path = _func_path_uncached(func)
+    try:
+        _paths[func] = path
+    except TypeError:
+        pass
+    return path
+
+
+def _func_path_uncached(func: Callable[..., Any]) -> str:
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if not module or not qualname:

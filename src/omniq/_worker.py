@@ -78,7 +78,8 @@ class AsyncWorker:
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         self.kind = kind
-        self.prefetch = self.concurrency if prefetch is None else prefetch
+        # Like Celery's prefetch multiplier of 4: batches big enough to amortize a claim.
+        self.prefetch = 4 * self.concurrency if prefetch is None else prefetch
         self.shutdown_grace = shutdown_grace
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self.processed = 0
@@ -133,8 +134,11 @@ class AsyncWorker:
     async def _work(self, burst: bool) -> None:
         while not self._stop_requested.is_set():
             self._start_waiting()
-            room = self.concurrency + self.prefetch - len(self._held)
-            if room <= 0:
+            capacity = self.concurrency + self.prefetch
+            room = capacity - len(self._held)
+            if room <= 0 or (self._waiting and room < capacity // 2):
+                # Claim in batches of at least half the capacity: one round trip
+                # feeds many tasks, while enough are waiting to keep slots busy.
                 await self._wait_for_change()
                 continue
             if burst and not self._held and not await self._has_pending():
@@ -204,7 +208,7 @@ class AsyncWorker:
 
     async def _call(self, task: Task) -> Any:
         func = resolve(task.func)
-        if self.kind == "async" and is_async_callable(func):
+        if self.kind == "async" and _is_async(func):
             call = func(*task.args, **task.kwargs)
         else:
             assert self._runner is not None
@@ -352,6 +356,17 @@ class Worker:
     ) -> None:
         self._worker.stop()
         self._future.result()
+
+
+_async_funcs: dict[Any, bool] = {}
+
+
+def _is_async(func: Any) -> bool:
+    """``is_async_callable``, cached per function (inspect is slow on the hot path)."""
+    known = _async_funcs.get(func)
+    if known is None:
+        known = _async_funcs[func] = is_async_callable(func)
+    return known
 
 
 def _install_signal_handlers(stop: Any) -> Any:

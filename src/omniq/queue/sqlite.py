@@ -31,6 +31,10 @@ _FINAL_STATE = {
 }
 _ROW_COLUMNS = "id, payload, state, attempts, due_at, lease_id, error"
 _PRUNE_EVERY = 60.0
+_INSERT = (
+    "INSERT OR IGNORE INTO omniq_tasks (id, queue, priority, due_at, state, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 def _row(values: Sequence[Any]) -> StoredRow:
@@ -40,15 +44,24 @@ def _row(values: Sequence[Any]) -> StoredRow:
 
 
 def _update_leased(
-    conn: sqlite3.Connection, ref: LeaseRef, change: str, params: tuple[Any, ...]
-) -> bool:
-    """Apply ``change`` to a task still leased under ``ref`` (any lease if ``lease_id`` is None)."""
-    cursor = conn.execute(
-        f"UPDATE omniq_tasks SET {change}"
-        " WHERE id = ? AND state = 'running' AND (? IS NULL OR lease_id = ?)",
-        (*params, ref.id, ref.lease_id, ref.lease_id),
+    conn: sqlite3.Connection, refs: Sequence[LeaseRef], change: str, params: Sequence[Any]
+) -> list[bool]:
+    """Apply ``change`` to the tasks still leased under ``refs``, in one statement.
+
+    A ref whose ``lease_id`` is None matches any lease. True where the row changed.
+    """
+    values = ", ".join(["(?, ?)"] * len(refs))
+    sql = (
+        f"WITH refs(id, lease_id) AS (VALUES {values})"
+        f" UPDATE omniq_tasks SET {change}"
+        " WHERE state = 'running' AND id IN (SELECT id FROM refs) AND EXISTS ("
+        "  SELECT 1 FROM refs WHERE refs.id = omniq_tasks.id"
+        "  AND (refs.lease_id IS NULL OR refs.lease_id = omniq_tasks.lease_id))"
+        " RETURNING id"
     )
-    return cursor.rowcount == 1
+    bound: list[Any] = [value for ref in refs for value in ref]
+    changed = {row[0] for row in conn.execute(sql, [*bound, *params])}
+    return [ref.id in changed for ref in refs]
 
 
 class SQLiteTaskQueue(TaskQueue):
@@ -93,18 +106,14 @@ class SQLiteTaskQueue(TaskQueue):
     def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool]:
         db = self._db()
         now = time.time()
-        insert = (
-            "INSERT OR IGNORE INTO omniq_tasks (id, queue, priority, due_at, state, payload)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-        )
-        with db.transaction() as conn:
-            inserted = [
-                conn.execute(
-                    insert, (*row[:4], "ready" if row.due_at <= now else "scheduled", row.payload)
-                ).rowcount
-                == 1
-                for row in rows
-            ]
+        params = [
+            (*row[:4], "ready" if row.due_at <= now else "scheduled", row.payload) for row in rows
+        ]
+        if len(params) == 1:  # one statement is its own transaction: skip BEGIN/COMMIT
+            inserted = [db.connection().execute(_INSERT, params[0]).rowcount == 1]
+        else:
+            with db.transaction() as conn:
+                inserted = [conn.execute(_INSERT, p).rowcount == 1 for p in params]
         db.changed()
         return inserted
 
@@ -173,16 +182,15 @@ class SQLiteTaskQueue(TaskQueue):
         self, refs: Sequence[LeaseRef], status: TaskStatus, error: str | None
     ) -> list[bool]:
         change = "state = ?, error = ?, lease_id = NULL, finished_at = ?"
-        params = (_FINAL_STATE[status], error, time.time())
         with self._db().transaction() as conn:
-            return [_update_leased(conn, ref, change, params) for ref in refs]
+            return _update_leased(conn, refs, change, (_FINAL_STATE[status], error, time.time()))
 
     async def _retry(self, ref: LeaseRef, due_at: float, error: str | None) -> bool:
         db = self._db()
         state = "ready" if due_at <= time.time() else "scheduled"
+        change = "state = ?, due_at = ?, error = ?, lease_id = NULL"
         with db.transaction() as conn:
-            change = "state = ?, due_at = ?, error = ?, lease_id = NULL"
-            done = _update_leased(conn, ref, change, (state, due_at, error))
+            [done] = _update_leased(conn, [ref], change, (state, due_at, error))
         db.changed()
         return done
 
@@ -190,13 +198,12 @@ class SQLiteTaskQueue(TaskQueue):
         db = self._db()
         change = "state = 'ready', attempts = attempts - 1, lease_id = NULL"
         with db.transaction() as conn:
-            for ref in refs:
-                _update_leased(conn, ref, change, ())
+            _update_leased(conn, refs, change, ())
         db.changed()
 
     async def _extend(self, refs: Sequence[LeaseRef], lease_until: float) -> list[bool]:
         with self._db().transaction() as conn:
-            return [_update_leased(conn, ref, "lease_until = ?", (lease_until,)) for ref in refs]
+            return _update_leased(conn, refs, "lease_until = ?", (lease_until,))
 
     async def _cancel(self, task_id: str) -> bool:
         with self._db().transaction() as conn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+from ._errors import ConfigurationError
+
 
 def sqlite_path_from_url(url: str) -> str:
     """The database path in a ``sqlite://`` URL, spelled as SQLAlchemy does.
@@ -18,18 +20,18 @@ def sqlite_path_from_url(url: str) -> str:
     """
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
-        raise ValueError(f"not a sqlite:// URL: {url!r}")
+        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
     if parts.netloc or not parts.path.startswith("/"):
-        raise ValueError(
+        raise ConfigurationError(
             f"{url!r} has no path: write sqlite:///relative.db or sqlite:////absolute/path.db"
         )
     if parts.query or parts.fragment:
-        raise ValueError(f"{url!r}: pass options as keyword arguments, not in the URL")
+        raise ConfigurationError(f"{url!r}: pass options as keyword arguments, not in the URL")
     path = unquote(parts.path[1:])
     if not path:
-        raise ValueError(f"{url!r} names no database file")
+        raise ConfigurationError(f"{url!r} names no database file")
     if path == ":memory:":
-        raise ValueError(
+        raise ConfigurationError(
             "sqlite:///:memory: is unsupported: each thread would get its own database"
         )
     return path

@@ -82,8 +82,10 @@ class AsyncWorker:
         self.prefetch = 4 * self.concurrency if prefetch is None else prefetch
         self.shutdown_grace = shutdown_grace
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
+        #: Tasks that succeeded, failed for good, and failed attempts retried.
         self.processed = 0
         self.failed = 0
+        self.retried = 0
         self._stop_requested = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -250,15 +252,16 @@ class AsyncWorker:
             self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
 
     async def _failed(self, task: Task, exc: BaseException) -> None:
-        self.failed += 1
         error = f"{type(exc).__name__}: {exc}"
         retryable = not isinstance(exc, ImportError) and task.attempts <= task.max_retries
         if retryable:
             settings = self.omniq.settings
             delay = backoff_delay(task.attempts, settings.retry_backoff, settings.retry_backoff_max)
             if await self.queue.nack(task, error=error, retry_at=time.time() + delay):
+                self.retried += 1
                 self.omniq._emit(EventType.RETRYING, task, f"{error} (retry in {delay:.3g} s)")
             return
+        self.failed += 1
         log.warning("task %s (%s) failed: %s", task.id, task.func, error)
         result = TaskResult(
             task_id=task.id,
@@ -321,12 +324,31 @@ class Worker:
         self._future: Any = None
 
     @property
+    def queues(self) -> list[str]:
+        return self._worker.queues
+
+    @property
+    def concurrency(self) -> int:
+        return self._worker.concurrency
+
+    @property
+    def kind(self) -> str:
+        return self._worker.kind
+
+    @property
     def processed(self) -> int:
+        """Tasks that succeeded."""
         return self._worker.processed
 
     @property
     def failed(self) -> int:
+        """Tasks that failed for good (after their retries)."""
         return self._worker.failed
+
+    @property
+    def retried(self) -> int:
+        """Failed attempts that were scheduled to run again."""
+        return self._worker.retried
 
     def stop(self) -> None:
         self._worker.stop()

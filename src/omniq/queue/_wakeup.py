@@ -35,10 +35,10 @@ class Wakeup:
                 return True
             self._waiters.append(entry)
         try:
-            await asyncio.wait_for(future, timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancel
+            # that lands as the future completes, and the caller waits on.
+            await asyncio.wait({future}, timeout=timeout)
+            return future.done()
         finally:
             with self._lock:
                 if entry in self._waiters:

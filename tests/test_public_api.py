@@ -49,11 +49,12 @@ def test_backends_not_built_yet_say_so(make: object) -> None:
         make(queues)  # type: ignore[operator]
 
 
-def test_seed_constructors() -> None:
+def test_seed_constructors_do_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     assert isinstance(MemoryTaskQueue(), MemoryTaskQueue)
     queue = SQLiteTaskQueue(database_path="tasks.db")
-    assert queue.database_path == "tasks.db"  # no file is created before first use
-    assert not Path("tasks.db").exists() or Path("tasks.db").is_file()
+    assert queue.database_path == str(tmp_path / "tasks.db")
+    assert list(tmp_path.iterdir()) == []  # nothing is created before first use
 
 
 def test_default_is_one_sqlite_file_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

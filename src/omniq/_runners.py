@@ -1,9 +1,10 @@
-"""Where task functions run: on the event loop, or in worker threads.
+"""Running sync functions in worker threads, cheaply.
 
-Thread hand-offs are the cost that dominates a no-op task, so the thread
-runner avoids one loop wake-up per task: jobs go to the threads through a
-plain ``SimpleQueue``, and finished jobs are handed back in batches (one
-``call_soon_threadsafe`` for however many completed meanwhile).
+A thread hand-off costs more than a no-op task, so the runner avoids one
+event-loop wake-up per task: jobs reach the threads through a plain
+``SimpleQueue`` (a backlog keeps threads busy while the loop writes results),
+and finished jobs come back in batches, one ``call_soon_threadsafe`` for
+however many completed meanwhile.
 """
 
 from __future__ import annotations
@@ -13,9 +14,23 @@ import inspect
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+#: Called on the loop thread with (ok, value-or-exception) when a job ends.
+Callback = Callable[[bool, Any], None]
+
+
+@dataclass(slots=True)
+class Job:
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    callback: Callback
+    #: Called in the thread just before ``func`` runs.
+    on_start: Callable[[], None] | None = None
+    #: What the submitter wants back from ``drain`` if the job never starts.
+    tag: Any = None
 
 
 def is_async_callable(func: Callable[..., Any]) -> bool:
@@ -28,11 +43,11 @@ def is_async_callable(func: Callable[..., Any]) -> bool:
 
 
 class ThreadRunner:
-    """``size`` threads that run functions and hand results back to one event loop."""
+    """``size`` threads that run jobs and hand outcomes back to one event loop."""
 
     def __init__(self, size: int, name: str = "omniq-worker") -> None:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._done: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        self._done: list[tuple[Callback, bool, Any]] = []
         self._done_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads = [
@@ -43,37 +58,46 @@ class ThreadRunner:
         for thread in self._threads:
             thread.start()
 
-    def run(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> asyncio.Future[Any]:
-        """Queue a call; the returned future completes on the calling loop."""
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((func, args, kwargs, future))
-        return future
+    def submit(self, job: Job) -> None:
+        """Queue a job; its callback runs on the submitting loop when it ends."""
+        self._loop = asyncio.get_running_loop()
+        self._jobs.put(job)
+
+    def drain(self) -> list[Any]:
+        """Take back the jobs no thread has started; returns their tags."""
+        tags: list[Any] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return tags
+            if job is not None:
+                tags.append(job.tag)
+
+    def close(self) -> None:
+        """Let the threads finish their current job and exit (does not wait)."""
+        for _ in self._threads:
+            self._jobs.put(None)
 
     def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                loop = getattr(self._local, "loop", None)
-                if loop is not None:
-                    loop.close()
-                return
-            func, args, kwargs, future = job
+        while (job := self._jobs.get()) is not None:
+            if job.on_start is not None:
+                job.on_start()
             try:
-                outcome: tuple[bool, Any] = (True, self._call(func, args, kwargs))
+                outcome = (job.callback, True, self._call(job.func, job.args, job.kwargs))
             except BaseException as exc:  # handed to the loop, which decides what it means
-                outcome = (False, exc)
+                outcome = (job.callback, False, exc)
             with self._done_lock:
-                self._done.append((future, *outcome))
+                self._done.append(outcome)
                 first = len(self._done) == 1
             if first and self._loop is not None:
                 try:
                     self._loop.call_soon_threadsafe(self._deliver)
                 except RuntimeError:  # loop closed during shutdown
                     pass
+        loop = getattr(self._local, "loop", None)
+        if loop is not None:
+            loop.close()
 
     def _call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not is_async_callable(func):
@@ -86,15 +110,5 @@ class ThreadRunner:
     def _deliver(self) -> None:
         with self._done_lock:
             done, self._done = self._done, []
-        for future, ok, value in done:
-            if future.done():
-                continue  # cancelled by a timeout meanwhile
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-    def close(self) -> None:
-        """Let the threads finish their current job and exit (does not wait)."""
-        for _ in self._threads:
-            self._jobs.put(None)
+        for callback, ok, value in done:
+            callback(ok, value)

@@ -20,7 +20,8 @@ import select
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .queue._wakeup import Wakeup
@@ -53,7 +54,7 @@ class SQLiteFile:
         self.wakeup = Wakeup()
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._schemas: set[str] = set()
         self._watcher: _Watcher | None = None
 
@@ -61,21 +62,33 @@ class SQLiteFile:
         """This thread's connection, opened on first use (WAL, busy timeout)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
+            conn = self._open()
+            self._local.conn = conn
+            with self._lock:
+                # Close connections of threads that ended (thread-per-request servers).
+                alive = [(t, c) for t, c in self._connections if t.is_alive()]
+                for _, dead in set(self._connections) - set(alive):
+                    dead.close()
+                self._connections = [*alive, (threading.current_thread(), conn)]
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # WAL: readers never block the writer; NORMAL: a commit is durable
             # across process crashes, and across power loss up to the last checkpoint.
-            conn.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def ensure_schema(self, name: str, script: str) -> None:
@@ -135,10 +148,29 @@ class SQLiteFile:
             self._schemas.clear()
             watcher, self._watcher = self._watcher, None
         self._local = threading.local()
-        for conn in connections:
+        for _, conn in connections:
             conn.close()
         if watcher is not None:
             watcher.stop()
+
+
+def _retry_locked(statement: Callable[[], object]) -> None:
+    """Run ``statement``, retrying "database is locked" until the busy timeout.
+
+    Switching a new file to WAL fails at once when another connection does the
+    same: SQLite does not call the busy handler there.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 # inotify constants (linux/inotify.h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -65,5 +66,9 @@ class Task(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 def new_task_id() -> str:
-    """A random 128-bit id as 32 hex characters (cheaper than ``uuid.uuid4``)."""
-    return os.urandom(16).hex()
+    """32 hex characters: the time in nanoseconds, then 64 random bits.
+
+    Time-ordered, so ids of new tasks land at the end of a B-tree index (one hot
+    page per insert rather than a random one) and sort roughly by creation.
+    """
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Sequence
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from ._errors import ConfigurationError
 from ._events import EventType
 from ._funcs import resolve
 from ._retry import backoff_delay
-from ._runners import ThreadRunner, is_async_callable
+from ._runners import Job, ThreadRunner, is_async_callable
 from ._task import Task
 from .results.base import TaskResult
 
@@ -39,6 +40,7 @@ log = logging.getLogger("omniq.worker")
 KINDS = ("async", "thread")
 DEFAULT_CONCURRENCY = 8
 DEFAULT_SHUTDOWN_GRACE = 30.0
+_FLUSH_WINDOW = 0.001
 _FETCH_WAIT = 5.0  # longest single dequeue wait; stop() interrupts it anyway
 
 
@@ -90,9 +92,14 @@ class AsyncWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._held: dict[str, Task] = {}  # leased by us: running or waiting to start
-        self._waiting: list[Task] = []  # prefetched, not started
-        self._running: set[asyncio.Task[None]] = set()
+        self._waiting: deque[Task] = deque()  # prefetched, not started
+        self._active: dict[str, Task] = {}  # running now
+        self._coroutines: dict[str, asyncio.Task[None]] = {}  # the async ones among them
+        self._background: set[asyncio.Task[None]] = set()  # flushes, failure handling
         self._completions: list[tuple[Task, TaskResult | None]] = []
+        self._flushing = False
+        self._idle: asyncio.Event | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # timeouts of tasks in threads
         self._runner: ThreadRunner | None = None
 
     # -- control ------------------------------------------------------------------
@@ -120,7 +127,7 @@ class AsyncWorker:
             self._runner = None
 
     async def __aenter__(self) -> AsyncWorker:
-        self._background = asyncio.ensure_future(self.run())
+        self._run_task = asyncio.ensure_future(self.run())
         return self
 
     async def __aexit__(
@@ -130,7 +137,7 @@ class AsyncWorker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        await self._background
+        await self._run_task
 
     # -- the loop -----------------------------------------------------------------
     async def _work(self, burst: bool) -> None:
@@ -143,9 +150,15 @@ class AsyncWorker:
                 # feeds many tasks, while enough are waiting to keep slots busy.
                 await self._wait_for_change()
                 continue
-            if burst and not self._held and not await self._has_pending():
-                return
-            for task in await self._fetch(room):
+            if burst and not self._held:
+                # A claim first: it also takes back tasks whose lease expired
+                # (a dead worker's), which size() does not count as waiting.
+                tasks = await self.queue.dequeue_many(room, self.queues, 0)
+                if not tasks and not await self._has_pending():
+                    return
+            else:
+                tasks = await self._fetch(room)
+            for task in tasks:
                 self._held[task.id] = task
                 self._waiting.append(task)
 
@@ -176,80 +189,130 @@ class AsyncWorker:
                 return True
         return False
 
-    async def _wait_for_change(self, timeout: float | None = None) -> None:
+    async def _wait_for_change(self) -> None:
         assert self._wake is not None
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await self._wake.wait()
         self._wake.clear()
 
+    # -- one task: start → run → done -------------------------------------------------
     def _start_waiting(self) -> None:
-        while self._waiting and len(self._running) < self.concurrency:
-            task = self._waiting.pop(0)
-            job = asyncio.ensure_future(self._process(task))
-            self._running.add(job)
-            job.add_done_callback(self._job_done)
+        # Up to 2x concurrency are dispatched: the extra ones wait in the thread
+        # runner's queue, so threads stay busy while the loop records outcomes.
+        while self._waiting and len(self._active) < 2 * self.concurrency:
+            task = self._waiting[0]
+            try:
+                func = resolve(task.func)
+            except ImportError as exc:
+                self._waiting.popleft()
+                self._held.pop(task.id, None)
+                self._spawn(self._failed(task, exc))
+                continue
+            on_loop = self.kind == "async" and _is_async(func)
+            if on_loop and len(self._coroutines) >= self.concurrency:
+                return
+            self._waiting.popleft()
+            self._active[task.id] = task
+            if on_loop:
+                self.omniq._emit(EventType.STARTED, task)
+                self._coroutines[task.id] = self._spawn(self._run_coroutine(task, func))
+            else:
+                self._submit(task, func)
 
-    def _job_done(self, job: asyncio.Task[None]) -> None:
-        self._running.discard(job)
+    def _submit(self, task: Task, func: Any) -> None:
+        """Sync work goes to the threads with a plain callback: no asyncio task or
+        future per task, the cost that dominates short tasks."""
+        assert self._runner is not None and self._loop is not None
+        loop = self._loop
+
+        def on_start() -> None:  # in the worker thread, as the task starts
+            self.omniq._emit(EventType.STARTED, task)
+            if task.timeout is not None:
+                loop.call_soon_threadsafe(self._arm_timeout, task)
+
+        def done(ok: bool, value: Any) -> None:
+            timer = self._timers.pop(task.id, None)
+            if timer is not None:
+                timer.cancel()
+            self._done(task, ok, value)
+
+        self._runner.submit(Job(func, task.args, task.kwargs, done, on_start, tag=task))
+
+    def _arm_timeout(self, task: Task) -> None:
+        if self._active.get(task.id) is task and task.timeout is not None:
+            assert self._loop is not None
+            self._timers[task.id] = self._loop.call_later(task.timeout, self._timed_out, task)
+
+    async def _run_coroutine(self, task: Task, func: Any) -> None:
+        try:
+            value = await asyncio.wait_for(func(*task.args, **task.kwargs), task.timeout)
+        except asyncio.TimeoutError:
+            self._done(task, False, _timeout_error(task))
+        except Exception as exc:
+            self._done(task, False, exc)
+        else:
+            self._done(task, True, value)
+        finally:
+            self._coroutines.pop(task.id, None)
+
+    def _timed_out(self, task: Task) -> None:
+        # The thread cannot be stopped; its late outcome is ignored (see _done).
+        self._done(task, False, _timeout_error(task))
+
+    def _done(self, task: Task, ok: bool, value: Any) -> None:
+        if self._active.get(task.id) is not task:
+            return  # already finished (timed out), or given up at shutdown
+        del self._active[task.id]
+        self._held.pop(task.id, None)
+        if ok:
+            self._succeeded(task, value)
+        else:
+            self._spawn(self._failed(task, value))
         assert self._wake is not None
         self._wake.set()
+        if not self._active and self._idle is not None:
+            self._idle.set()
 
-    # -- one task -------------------------------------------------------------------
-    async def _process(self, task: Task) -> None:
-        self.omniq._emit(EventType.STARTED, task)
-        try:
-            value = await self._call(task)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            await self._failed(task, exc)
-        else:
-            await self._succeeded(task, value)
-        finally:
-            self._held.pop(task.id, None)
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        job: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+        return job
 
-    async def _call(self, task: Task) -> Any:
-        func = resolve(task.func)
-        if self.kind == "async" and _is_async(func):
-            call = func(*task.args, **task.kwargs)
-        else:
-            assert self._runner is not None
-            call = self._runner.run(func, task.args, task.kwargs)
-        if task.timeout is None:
-            return await call
-        try:
-            return await asyncio.wait_for(call, task.timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"task exceeded its timeout of {task.timeout} s") from None
-
-    async def _succeeded(self, task: Task, value: Any) -> None:
+    # -- outcomes --------------------------------------------------------------------
+    def _succeeded(self, task: Task, value: Any) -> None:
         result = None
         if self.omniq.settings.store_results:
             try:
                 encoded = self.omniq.serializer.encode_value(value)
             except TypeError as exc:
-                await self._failed(task, exc)
+                self._spawn(self._failed(task, exc))
                 return
             result = TaskResult(
                 task_id=task.id, succeeded=True, value=encoded, finished_at=time.time()
             )
-        self._completions.append((task, result))
-        if len(self._completions) == 1:
-            await self._flush_completions()
         self.processed += 1
+        self._completions.append((task, result))
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush_completions())
 
     async def _flush_completions(self) -> None:
         """Write results, then acks, for every task that finished since the last flush."""
-        await asyncio.sleep(0)  # let tasks finishing in this same loop turn join the batch
-        batch, self._completions = self._completions, []
-        if not batch:
-            return
-        results = [(r, t.result_ttl) for t, r in batch if r is not None]
-        if results:
-            await self.omniq.result_storage.set_many(results)
-        acked = await self.queue.ack_many([t for t, _ in batch])
-        for (task, _), ok in zip(batch, acked, strict=False):
-            self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
+        try:
+            while self._completions:
+                if self._active and len(self._completions) < self.concurrency + self.prefetch:
+                    # More tasks are about to finish: one write for all of them
+                    # costs less than one each (at most 1 ms of result latency).
+                    await asyncio.sleep(_FLUSH_WINDOW)
+                batch, self._completions = self._completions, []
+                results = [(r, t.result_ttl) for t, r in batch if r is not None]
+                if results:
+                    await self.omniq.result_storage.set_many(results)
+                acked = await self.queue.ack_many([t for t, _ in batch])
+                for (task, _), ok in zip(batch, acked, strict=True):
+                    self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
+        finally:
+            self._flushing = False
 
     async def _failed(self, task: Task, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
@@ -295,17 +358,30 @@ class AsyncWorker:
 
     async def _shutdown(self) -> None:
         """Give back unstarted tasks, let running ones finish within the grace period."""
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = list(self._waiting), deque()
+        if self._runner is not None:
+            for task in self._runner.drain():  # dispatched to threads, never started
+                self._active.pop(task.id, None)
+                waiting.append(task)
         for task in waiting:
             self._held.pop(task.id, None)
         await self.queue.release(waiting)
-        if self._running:
-            __, pending = await asyncio.wait(set(self._running), timeout=self.shutdown_grace)
-            for job in pending:
-                job.cancel()  # their leases expire and they are delivered again
-            if pending:
-                await asyncio.wait(pending)
-        await self._flush_completions()
+        if self._active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.shutdown_grace)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "%d tasks still running after %s s; their leases will expire and they "
+                    "will be delivered again",
+                    len(self._active),
+                    self.shutdown_grace,
+                )
+                for job in list(self._coroutines.values()):
+                    job.cancel()
+                self._active.clear()
+        while self._background:  # failures being recorded, the last flush
+            await asyncio.wait(set(self._background))
         if self.omniq.event_log is not None:
             await self.omniq.event_log.flush()
 
@@ -378,6 +454,10 @@ class Worker:
     ) -> None:
         self._worker.stop()
         self._future.result()
+
+
+def _timeout_error(task: Task) -> TimeoutError:
+    return TimeoutError(f"task exceeded its timeout of {task.timeout} s")
 
 
 _async_funcs: dict[Any, bool] = {}

@@ -83,7 +83,8 @@ class SQLiteTaskQueue(TaskQueue):
         **options: Any,
     ) -> None:
         super().__init__(**options)
-        self.database_path = os.fspath(database_path)
+        # Absolute now: a later chdir must not split tasks and results across files.
+        self.database_path = os.path.abspath(os.path.expanduser(os.fspath(database_path)))
         self.retention_seconds = retention_seconds
         self._file: _sqlite.SQLiteFile | None = None
         self._next_prune = 0.0

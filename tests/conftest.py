@@ -1,32 +1,34 @@
-"""Backends under test. Adding a backend to the contract suite is adding a parameter here."""
+"""Backends under test: see ``tests/backends`` (how to build each) and ``tests/servers``."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from omniq.queue import MemoryTaskQueue, SQLiteTaskQueue
-from omniq.queue.base import TaskQueue
+from omniq.results.base import ResultStorage
+from omniq.testing.contract import MakeQueue
 
-QUEUE_BACKENDS = ["memory", "sqlite"]
+from .backends import QUEUE_BACKENDS, RESULT_BACKENDS
+
+#: Session fixtures that start real servers (one module per server).
+pytest_plugins: list[str] = []
+
+
+def _backend(name: str) -> object:
+    return importlib.import_module(f"tests.backends.{name}")
 
 
 @pytest.fixture(params=QUEUE_BACKENDS)
-def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> MakeQueue:
     """A factory of queue instances that share one fresh storage for the test."""
-    backend = request.param
-    if backend == "memory":
-        shared = MemoryTaskQueue()
+    factory: MakeQueue = _backend(request.param).queue_factory(request, tmp_path)  # type: ignore[attr-defined]
+    return factory
 
-        def make(**options: Any) -> TaskQueue:
-            # One in-process store: further instances are the same object,
-            # re-configured, as a second connection to it would be.
-            for name, value in options.items():
-                setattr(shared, name, value)
-            return shared
 
-        return make
-    database = tmp_path / "tasks.db"
-    return lambda **options: SQLiteTaskQueue(database, **options)
+@pytest.fixture(params=RESULT_BACKENDS)
+def result_storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> ResultStorage:
+    """A fresh result storage of each backend."""
+    storage: ResultStorage = _backend(request.param).result_storage(request, tmp_path)  # type: ignore[attr-defined]
+    return storage

@@ -40,14 +40,9 @@ def failed(task_id: str) -> TaskResult:
     )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResultStorage]:
-    store: ResultStorage
-    if request.param == "memory":
-        store = MemoryResultStorage()
-    else:
-        store = SQLiteResultStorage(tmp_path / "omniq.db")
-    async with store:
+@pytest.fixture
+async def storage(result_storage_factory: ResultStorage) -> AsyncIterator[ResultStorage]:
+    async with result_storage_factory as store:
         yield store
 
 

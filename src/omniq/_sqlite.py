@@ -3,11 +3,13 @@
 Every queue, result and event storage on the same file shares one
 ``SQLiteFile``: one connection per thread (opened once, never per call) and
 one :class:`Wakeup` that fires when the file changes, whoever changed it.
-In-process commits notify directly. Commits by other processes are seen
-through the operating system: on Linux an inotify watch on the database's
-directory reports writes to the ``-wal`` file, so an idle worker sleeps until
-a producer writes, with no poll interval. Elsewhere a watcher thread compares
-the files' modification times every few milliseconds.
+In-process commits notify directly. For other processes, a commit that makes
+work available (or stores a result) rings a doorbell: it writes one byte to
+``<database>-wake`` after the commit is visible. On Linux an inotify watch
+reports that write, so an idle worker sleeps until a producer commits, with
+no poll interval; elsewhere a watcher thread compares the doorbell's
+modification time every few milliseconds. (Watching the ``-wal`` file
+instead would wake readers before the commit is visible.)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class SQLiteFile:
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._schemas: set[str] = set()
         self._watcher: _Watcher | None = None
+        self._doorbell_fd: int | None = None
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use (WAL, busy timeout)."""
@@ -117,16 +120,28 @@ class SQLiteFile:
                 conn.execute("ROLLBACK")
             raise
 
+    @property
+    def doorbell(self) -> Path:
+        return self.path.with_name(self.path.name + "-wake")
+
     def changed(self) -> None:
-        """Tell this process's waiters that we committed something."""
+        """Tell waiters in this and other processes that we committed new work."""
         self.wakeup.notify()
+        fd = self._doorbell_fd
+        if fd is None:
+            with self._lock:
+                if self._doorbell_fd is None:
+                    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                    self._doorbell_fd = os.open(self.doorbell, flags, 0o644)
+                fd = self._doorbell_fd
+        os.pwrite(fd, b"\0", 0)
 
     async def wait(self, timeout: float | None, since: int) -> None:
         """Wait for a change to the file after wake-up generation ``since``."""
         if self._watcher is None:
             with self._lock:
                 if self._watcher is None:
-                    self._watcher = _Watcher(self.path, self.wakeup)
+                    self._watcher = _Watcher(self.doorbell, self.wakeup)
                     # Another process may have committed after the caller looked and
                     # before the watch existed: make every waiter look once more.
                     self.wakeup.notify()
@@ -147,6 +162,9 @@ class SQLiteFile:
             connections, self._connections = self._connections, []
             self._schemas.clear()
             watcher, self._watcher = self._watcher, None
+            doorbell, self._doorbell_fd = self._doorbell_fd, None
+        if doorbell is not None:
+            os.close(doorbell)
         self._local = threading.local()
         for _, conn in connections:
             conn.close()
@@ -174,25 +192,39 @@ def _retry_locked(statement: Callable[[], object]) -> None:
 
 
 # inotify constants (linux/inotify.h)
-_IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
+_IN_MODIFY, _IN_ATTRIB, _IN_DELETE_SELF, _IN_IGNORED = 0x2, 0x4, 0x400, 0x8000
+_MASK = _IN_MODIFY | _IN_ATTRIB | _IN_DELETE_SELF
 _IN_CLOEXEC = 0o2000000
-_SETTLE_SECONDS = 0.002
 _POLL_SECONDS = 0.005
 
 
 class _Watcher:
-    """A daemon thread that notifies ``wakeup`` when the database files change."""
+    """A daemon thread that notifies ``wakeup`` when the doorbell file is written.
 
-    def __init__(self, path: Path, wakeup: Wakeup) -> None:
-        self._path = path
+    inotify watches the doorbell itself, not the directory: every SQLite write
+    to the database files would otherwise wake this thread, and the GIL
+    hand-offs that costs show up as milliseconds of latency.
+    """
+
+    def __init__(self, doorbell: Path, wakeup: Wakeup) -> None:
+        self._doorbell = doorbell
         self._wakeup = wakeup
         self._stop_r, self._stop_w = os.pipe()
-        self._inotify = _inotify_watch(path.parent)
-        self._files = [path, path.with_name(path.name + "-wal")]
-        self._snapshot = [_mtime(f) for f in self._files]  # before the thread: no change missed
+        self._inotify = _inotify_init()
+        if self._inotify is not None:
+            self._watch_doorbell()
+        self._snapshot = _mtime(doorbell)  # before the thread starts: no ring is missed
         target = self._run_inotify if self._inotify is not None else self._run_polling
-        self._thread = threading.Thread(target=target, name=f"omniq-watch-{path.name}", daemon=True)
+        name = f"omniq-watch-{doorbell.name}"
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
+
+    def _watch_doorbell(self) -> None:
+        assert self._inotify is not None
+        self._doorbell.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self._doorbell, os.O_WRONLY | os.O_CREAT, 0o644))
+        if _libc().inotify_add_watch(self._inotify, os.fsencode(self._doorbell), _MASK) < 0:
+            raise OSError(ctypes.get_errno(), f"cannot watch {self._doorbell}")
 
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
@@ -203,29 +235,22 @@ class _Watcher:
 
     def _run_inotify(self) -> None:
         assert self._inotify is not None
-        names = {self._path.name.encode(), f"{self._path.name}-wal".encode()}
         poller = select.poll()
         poller.register(self._inotify, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
-        settling = False
         while True:
-            ready = poller.poll(_SETTLE_SECONDS * 1000 if settling else None)
+            ready = poller.poll()
             if any(fd == self._stop_r for fd, _ in ready):
                 return
-            if not ready:
-                # A write event can arrive a moment before the commit is visible
-                # in the WAL index; wake waiters once more after it settled.
-                settling = False
-                self._wakeup.notify()
-                continue
-            if names & _event_names(os.read(self._inotify, 65536)):
-                settling = True
-                self._wakeup.notify()
+            masks = _event_masks(os.read(self._inotify, 65536))
+            if any(mask & _IN_IGNORED for mask in masks):
+                self._watch_doorbell()  # the file was deleted: watch the new one
+            self._wakeup.notify()
 
     def _run_polling(self) -> None:
-        files, last = self._files, self._snapshot
+        last = self._snapshot
         while not select.select([self._stop_r], [], [], _POLL_SECONDS)[0]:
-            now = [_mtime(f) for f in files]
+            now = _mtime(self._doorbell)
             if now != last:
                 last = now
                 self._wakeup.notify()
@@ -238,30 +263,27 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def _inotify_watch(directory: Path) -> int | None:
-    """An inotify fd watching ``directory``, or None where inotify is unavailable."""
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _inotify_init() -> int | None:
+    """An inotify fd, or None where inotify is unavailable (then: polling)."""
     if not sys.platform.startswith("linux") or os.environ.get("OMNIQ_SQLITE_POLL"):
         return None
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    try:
+        fd = int(_libc().inotify_init1(_IN_CLOEXEC))
+    except (OSError, AttributeError):
         return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fd = int(libc.inotify_init1(_IN_CLOEXEC))
-    if fd < 0:
-        return None
-    mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
-    if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
-        os.close(fd)
-        return None
-    return fd
+    return fd if fd >= 0 else None
 
 
-def _event_names(buffer: bytes) -> set[bytes]:
-    """File names in a buffer of ``struct inotify_event`` records."""
-    names: set[bytes] = set()
+def _event_masks(buffer: bytes) -> list[int]:
+    """The ``mask`` of each ``struct inotify_event`` in a buffer."""
+    masks: list[int] = []
     offset = 0
     while offset + 16 <= len(buffer):
+        masks.append(int.from_bytes(buffer[offset + 4 : offset + 8], sys.byteorder))
         name_len = int.from_bytes(buffer[offset + 12 : offset + 16], sys.byteorder)
-        names.add(buffer[offset + 16 : offset + 16 + name_len].rstrip(b"\0"))
         offset += 16 + name_len
-    return names
+    return masks

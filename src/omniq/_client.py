@@ -9,6 +9,8 @@ from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
 
+import msgspec
+
 from . import _config
 from ._bridge import LoopThread
 from ._errors import ConfigurationError, TaskFailedError
@@ -81,6 +83,26 @@ class _Base:
         args: Sequence[Any],
         kwargs: dict[str, Any],
         *,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Task:
+        task = self._task_template(func, **options)
+        task.id = task_id or new_task_id()
+        task.args, task.kwargs = tuple(args), kwargs
+        return task
+
+    def _build_tasks(
+        self, func: Callable[..., Any] | str, calls: Iterable[Sequence[Any]], **options: Any
+    ) -> list[Task]:
+        """One task per call, sharing one validated template (a batch's hot path)."""
+        template = self._task_template(func, **options)
+        replace = msgspec.structs.replace
+        return [replace(template, id=new_task_id(), args=_call_args(c)) for c in calls]
+
+    def _task_template(
+        self,
+        func: Callable[..., Any] | str,
+        *,
         queue_name: str = "default",
         priority: int = 0,
         eta: datetime | float | None = None,
@@ -89,18 +111,16 @@ class _Base:
         max_retries: int | None = None,
         timeout: float | None = None,
         result_ttl: float | None = None,
-        task_id: str | None = None,
     ) -> Task:
+        """A task with every option validated and applied, and no id or arguments yet."""
         if not isinstance(queue_name, str) or not queue_name:
             raise ConfigurationError("queue_name must be a non-empty string")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"priority must be an int, not {priority!r}")
         now = time.time()
         return Task(
-            id=task_id or new_task_id(),
+            id="",
             func=func_path(func),
-            args=tuple(args),
-            kwargs=kwargs,
             queue_name=queue_name,
             priority=priority,
             enqueued_at=now,
@@ -216,7 +236,7 @@ class AsyncOmniQ(_Base):
         ``options`` are those of :meth:`enqueue` (``task_id`` excepted) and apply to every task.
         """
         self._bind_loop()
-        tasks = [self._build_task(func, _call_args(call), {}, **options) for call in calls]
+        tasks = self._build_tasks(func, calls, **options)
         inserted = await self.task_queue.enqueue_many(tasks)
         for task, new in zip(tasks, inserted, strict=False):
             if new:
@@ -372,7 +392,7 @@ class OmniQ:
         queue = self._async.task_queue
         if not queue.supports_blocking_put:
             return self._bridge.run(self._async.enqueue_many(func, calls, **options))
-        tasks = [self._async._build_task(func, _call_args(c), {}, **options) for c in calls]
+        tasks = self._async._build_tasks(func, calls, **options)
         self._bind_events()
         for task, new in zip(tasks, queue.enqueue_blocking(tasks), strict=False):
             if new:

@@ -1,6 +1,6 @@
 """Run the benchmark and print a markdown table: ``python -m benchmarks [--quick] [--peers]``.
 
-Every figure is the median of ``--runs`` child processes (min–max beside it), each on
+Every figure is the median of ``--runs`` child processes (min-max beside it), each on
 a fresh store; ratios are to the engine's floor measured in the same run.
 """
 
@@ -41,17 +41,19 @@ class Figures:
     def cell(self, key: str, unit: str = "/s") -> str:
         values = self.samples.get(key)
         if not values:
-            return "–"
+            return "-"
         if unit == "/s":
-            return f"{_k(statistics.median(values))}/s ({_k(min(values))}–{_k(max(values))})"
-        return f"{statistics.median(values):.2f} ms ({min(values):.2f}–{max(values):.2f})"
+            return f"{_k(statistics.median(values))}/s ({_k(min(values))}-{_k(max(values))})"
+        return f"{statistics.median(values):.2f} ms ({min(values):.2f}-{max(values):.2f})"
 
 
 def _k(rate: float) -> str:
     return f"{rate / 1000:.1f}k"
 
 
-def child(module: str, *args: str, python: str = sys.executable, timeout: float = 600) -> dict[str, float]:
+def child(
+    module: str, *args: str, python: str = sys.executable, timeout: float = 600
+) -> dict[str, float]:
     """Run ``python -m module args`` from the repository root; parse its last JSON line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -96,7 +98,9 @@ def measure(backend: Backend, args: argparse.Namespace, log: Callable[[str], Non
     settings = DRAIN_SETTINGS[1:2] if args.quick else DRAIN_SETTINGS
     for run in range(args.runs):
         log(f"{backend.name}: run {run + 1}/{args.runs}")
-        floor = child("benchmarks.floor", backend.floor_engine, backend.floor_target(), "--count", count)
+        floor = child(
+            "benchmarks.floor", backend.floor_engine, backend.floor_target(), "--count", count
+        )
         figures.add("floor_insert", floor["insert"])
         figures.add("floor_claim", floor["claim"])
         figures.add("E", child("benchmarks.workload", "E", backend.url(), "--count", count)["rate"])
@@ -126,7 +130,7 @@ def measure(backend: Backend, args: argparse.Namespace, log: Callable[[str], Non
 
 def ratio(figures: Figures, key: str, floor_key: str) -> str:
     value, floor = figures.median(key), figures.median(floor_key)
-    return f"{value / floor:.2f}×" if value and floor else "–"
+    return f"{value / floor:.2f}x" if value and floor else "-"
 
 
 def table(results: dict[str, Figures]) -> str:

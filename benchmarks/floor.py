@@ -45,7 +45,9 @@ def sqlite_floor(path: str, count: int) -> dict[str, float]:
     start = time.perf_counter()
     for _ in range(count):
         conn.execute("BEGIN IMMEDIATE")
-        (job_id, _payload) = conn.execute("SELECT id, payload FROM jobs ORDER BY id LIMIT 1").fetchone()
+        (job_id, _payload) = conn.execute(
+            "SELECT id, payload FROM jobs ORDER BY id LIMIT 1"
+        ).fetchone()
         conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         conn.execute("COMMIT")
     claim = count / (time.perf_counter() - start)

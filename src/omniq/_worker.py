@@ -76,7 +76,7 @@ class AsyncWorker:
         self.omniq = omniq
         self.queue = omniq.task_queue
         self.queues = list(queues) if queues else list(self.queue.queues)
-        self.concurrency = concurrency or DEFAULT_CONCURRENCY
+        self.concurrency = DEFAULT_CONCURRENCY if concurrency is None else concurrency
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         self.kind = kind

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -22,6 +22,9 @@ from ._task import Task, TaskStatus, new_task_id
 from .events.base import EventStorage
 from .queue.base import TaskQueue
 from .results.base import ResultStorage, TaskResult
+
+if TYPE_CHECKING:  # the worker module imports this one
+    from ._worker import AsyncWorker, Worker
 
 DEFAULT_RESULT_TTL = 24 * 3600.0
 
@@ -469,6 +472,3 @@ _ENQUEUE_OPTIONS = frozenset(
         "task_id",
     }
 )
-
-if False:  # pragma: no cover - import cycle only for type checkers
-    from ._worker import AsyncWorker, Worker

@@ -214,34 +214,35 @@ class TaskQueue(ABC):
         payload = self.serializer.encode_task(task)
         return NewRow(task.id, task.queue_name, task.priority, task.due_at, payload)
 
+    def _decode_row(self, row: StoredRow) -> Task:
+        """The stored task with its current state; ``ValueError`` if the payload is corrupt."""
+        task = self.serializer.decode_task(row.payload)
+        task.status, task.attempts, task.due_at = row.status, row.attempts, row.due_at
+        task.lease_id, task.error = row.lease_id, row.error
+        return task
+
     def _decode(self, row: StoredRow) -> Task:
+        """Like ``_decode_row``, but a corrupt payload reads as a task with just its state."""
         try:
-            task = self.serializer.decode_task(row.payload)
+            return self._decode_row(row)
         except ValueError as exc:
             return Task(id=row.id, func="", status=row.status, error=row.error or str(exc))
-        task.status = row.status
-        task.attempts = row.attempts
-        task.due_at = row.due_at
-        task.lease_id = row.lease_id
-        task.error = row.error
-        return task
 
     async def _usable(self, rows: Sequence[StoredRow], now: float) -> list[Task]:
         """Decode claimed rows; expired and corrupt ones are finished, not delivered."""
         tasks: list[Task] = []
         for row in rows:
+            ref = LeaseRef(row.id, row.lease_id)
             try:
-                task = self.serializer.decode_task(row.payload)
+                task = self._decode_row(row)
             except ValueError as exc:
                 reason = f"corrupt payload: {exc}"
                 log.error("task %s moved to failed: %s", row.id, reason)
-                await self._finish([LeaseRef(row.id, row.lease_id)], TaskStatus.FAILED, reason)
+                await self._finish([ref], TaskStatus.FAILED, reason)
                 self._observe(Task(id=row.id, func=""), TaskStatus.FAILED, reason)
                 continue
-            task.status, task.attempts, task.lease_id = row.status, row.attempts, row.lease_id
-            task.due_at, task.error = row.due_at, row.error
             if task.expires_at is not None and task.expires_at <= now:
-                await self._finish([LeaseRef(row.id, row.lease_id)], TaskStatus.EXPIRED, None)
+                await self._finish([ref], TaskStatus.EXPIRED, None)
                 self._observe(task, TaskStatus.EXPIRED, "ttl passed before the task started")
                 continue
             tasks.append(task)

@@ -16,7 +16,8 @@ from omniq.queue import MemoryTaskQueue, SQLiteTaskQueue
 def test_exported_names_are_pinned() -> None:
     assert sorted(omniq.__all__) == [
         "AsyncOmniQ", "AsyncWorker", "ConfigurationError", "Event", "EventType",
-        "MissingDependencyError", "OmniQ", "OmniQError", "SerializationError", "Serializer",
+        "MissingDependencyError", "OmniQ", "OmniQError", "PickleSerializer", "SerializationError",
+        "Serializer",
         "Settings", "Task", "TaskFailedError", "TaskStatus", "Worker",
     ]  # fmt: skip
 
@@ -132,3 +133,28 @@ def test_signed_payloads_reject_tampering() -> None:
         task = other.get_task(task_id)
         assert task is not None and task.status is TaskStatus.FAILED
         assert task.error is not None and "signature" in task.error
+
+
+class Point:  # not msgspec-encodable: needs the pickle opt-in
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def point_x(point: Point) -> Point:
+    return Point(point.x * 2)
+
+
+def test_pickle_is_an_explicit_opt_in_and_signed() -> None:
+    with OmniQ("memory://") as plain, pytest.raises(omniq.SerializationError):
+        plain.enqueue(point_x, Point(1))
+    queue = MemoryTaskQueue()
+    trusted = omniq.PickleSerializer(secret_key="k")
+    with OmniQ(queue, "memory://", serializer=trusted) as app:
+        task_id = app.enqueue(point_x, Point(21))
+        app.worker().run(burst=True)
+        assert app.get_result(task_id, timeout=10).x == 42
+        signed_by_k = app.enqueue(point_x, Point(1))
+    with OmniQ(queue, serializer=omniq.PickleSerializer(secret_key="other")) as other:
+        other.worker().run(burst=True)
+        task = other.get_task(signed_by_k)
+        assert task is not None and task.status is TaskStatus.FAILED  # never unpickled

@@ -22,7 +22,7 @@ from ._errors import (
     TaskFailedError,
 )
 from ._events import Event, EventType
-from ._serialize import Serializer
+from ._serialize import PickleSerializer, Serializer
 from ._task import Task, TaskStatus
 from ._worker import AsyncWorker, Worker
 
@@ -37,6 +37,7 @@ __all__ = [
     "MissingDependencyError",
     "OmniQ",
     "OmniQError",
+    "PickleSerializer",
     "SerializationError",
     "Serializer",
     "Settings",

@@ -61,15 +61,17 @@ class _Base:
         result_storage: ResultStorage | str | None = None,
         event_storage: EventStorage | str | None = None,
         *,
+        serializer: Serializer | None = None,
         secret_key: bytes | str | None = None,
         **settings: Any,
     ) -> None:
-        queue_options: dict[str, Any] = {}
+        if serializer is not None and secret_key is not None:
+            raise ConfigurationError("give serializer or secret_key, not both")
         if secret_key is not None:
-            queue_options["serializer"] = Serializer(secret_key)
-        self.task_queue = _config.task_queue(task_queue, **queue_options)
-        if secret_key is not None and isinstance(task_queue, TaskQueue):
-            self.task_queue.serializer = queue_options["serializer"]
+            serializer = Serializer(secret_key)
+        self.task_queue = _config.task_queue(task_queue)
+        if serializer is not None:
+            self.task_queue.serializer = serializer
         self.result_storage = _config.result_storage(result_storage, self.task_queue)
         storage = _config.event_storage(event_storage)
         self.event_log = EventLog(storage) if storage is not None else None
@@ -196,8 +198,8 @@ class AsyncOmniQ(_Base):
     from ``OMNIQ_TASK_QUEUE_URL`` / ``OMNIQ_RESULT_STORAGE_URL`` /
     ``OMNIQ_EVENT_STORAGE_URL``; with nothing set, tasks and results live in
     ``omniq.db`` in the working directory and events are off. Other keyword
-    arguments are task defaults (see :class:`Settings`) and ``secret_key`` to
-    sign payloads.
+    arguments are task defaults (see :class:`Settings`), ``secret_key`` to
+    sign payloads, and ``serializer`` (e.g. :class:`omniq.PickleSerializer`).
     """
 
     async def enqueue(

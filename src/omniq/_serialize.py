@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import pickle
 from typing import Any
 
 import msgspec
@@ -91,3 +92,38 @@ class Serializer:
 
 
 DEFAULT_SERIALIZER = Serializer()
+
+
+class PickleSerializer(Serializer):
+    """Pickle instead of msgspec, for arguments and results of any picklable type.
+
+    An explicit opt-in: unpickling runs code chosen by whoever wrote the payload,
+    so use it only when everyone who can write to the queue is trusted, and
+    preferably with ``secret_key`` so a worker refuses payloads it did not sign.
+    Functions are still referenced by import path.
+    """
+
+    def encode_task(self, task: Task) -> bytes:
+        try:
+            return self._sign(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"cannot enqueue {task.func}: {exc}") from exc
+
+    def decode_task(self, payload: bytes) -> Task:
+        body = self._verify(payload)
+        try:
+            task = pickle.loads(body)
+        except Exception as exc:
+            raise ValueError(f"undecodable task payload: {exc}") from exc
+        if not isinstance(task, Task):
+            raise ValueError(f"payload is a {type(task).__name__}, not a Task")
+        return task
+
+    def encode_value(self, value: Any) -> bytes:
+        try:
+            return self._sign(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"result is not picklable: {exc}") from exc
+
+    def decode_value(self, payload: bytes) -> Any:
+        return pickle.loads(self._verify(payload))

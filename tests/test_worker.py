@@ -11,6 +11,7 @@ import pytest
 
 from omniq import AsyncOmniQ, ConfigurationError, EventType, TaskFailedError, TaskStatus
 from omniq.queue import MemoryTaskQueue
+from omniq.results.memory import MemoryResultStorage
 
 DEADLINE = 10.0
 gate = threading.Event()
@@ -141,3 +142,47 @@ async def test_lost_lease_is_reported() -> None:
         types = [e.type for e in await omniq.events(task_id=task_id)]
         assert EventType.LEASE_LOST in types
         assert await queue.ack(stolen)
+
+
+class FlakyQueue(MemoryTaskQueue):
+    """Claims fail the first ``failures`` times, as during an engine outage."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def _claim(self, *args: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("engine unreachable")
+        return await super()._claim(*args)
+
+
+class FlakyResults(MemoryResultStorage):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def set_many(self, results: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("engine unreachable")
+        await super().set_many(results)
+
+
+async def test_worker_rides_out_failing_claims_and_result_writes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    queue = FlakyQueue(failures=0)
+    async with AsyncOmniQ(queue, FlakyResults(failures=2)) as omniq:
+        ids = [await omniq.enqueue("omniq.testing.contract:echo", i) for i in range(5)]
+        queue.failures = 3
+        await omniq.worker().run(burst=True)
+        assert [await omniq.get_result(i, timeout=DEADLINE) for i in ids] == list(range(5))
+        for task_id in ids:
+            task = await omniq.get_task(task_id)
+            assert task is not None and task.status is TaskStatus.SUCCEEDED
+            assert task.attempts == 1  # held and renewed meanwhile, never redelivered
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("could not claim" in m for m in messages)
+    assert any("could not record" in m for m in messages)

@@ -100,6 +100,7 @@ class AsyncWorker:
         self._flushing = False
         self._idle: asyncio.Event | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}  # timeouts of tasks in threads
+        self._backoff = _Backoff()  # between failed claims
         self._runner: ThreadRunner | None = None
 
     # -- control ------------------------------------------------------------------
@@ -150,37 +151,50 @@ class AsyncWorker:
                 # feeds many tasks, while enough are waiting to keep slots busy.
                 await self._wait_for_change()
                 continue
-            if burst and not self._held:
-                # A claim first: it also takes back tasks whose lease expired
-                # (a dead worker's), which size() does not count as waiting.
-                tasks = await self.queue.dequeue_many(room, self.queues, 0)
-                if not tasks and not await self._has_pending():
-                    return
-            else:
-                tasks = await self._fetch(room)
+            try:
+                tasks = await self._claim(room, burst)
+            except Exception:
+                # The engine is unreachable or failing: keep what we hold, retry.
+                delay = self._backoff.next()
+                log.exception("could not claim tasks; retrying in %.1f s", delay)
+                await self._pause(delay)
+                continue
+            if tasks is None:
+                return  # burst: the queues are empty
+            self._backoff.reset()
             for task in tasks:
                 self._held[task.id] = task
                 self._waiting.append(task)
 
+    async def _claim(self, room: int, burst: bool) -> list[Task] | None:
+        """Up to ``room`` tasks (waiting for some); None when a burst is over."""
+        tasks: list[Task] = []
+        if burst and not self._held:
+            # A claim first: it also takes back tasks whose lease expired
+            # (a dead worker's), which size() does not count as waiting.
+            tasks = await self.queue.dequeue_many(room, self.queues, 0)
+            if not tasks and self._background:
+                # Failures being recorded may put a task back for a retry.
+                await asyncio.wait(set(self._background))
+                return []
+            if not tasks and not await self._has_pending():
+                return None
+        return tasks or await self._fetch(room)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless stop is requested meanwhile."""
+        assert self._wake is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
     async def _fetch(self, room: int) -> list[Task]:
         """Claim up to ``room`` tasks, waiting for work until a task of ours
         finishes (there may be room to start one) or stop is requested."""
-        tasks = await self.queue.dequeue_many(room, self.queues, 0)
-        if tasks or self._stop_requested.is_set():
-            return tasks
         assert self._wake is not None
-        fetch = asyncio.ensure_future(self.queue.dequeue_many(room, self.queues, _FETCH_WAIT))
-        woken = asyncio.ensure_future(self._wake.wait())
-        await asyncio.wait({fetch, woken}, return_when=asyncio.FIRST_COMPLETED)
-        woken.cancel()
+        tasks = await self.queue.dequeue_many(room, self.queues, _FETCH_WAIT, interrupt=self._wake)
         self._wake.clear()
-        if fetch.done():
-            return fetch.result()
-        fetch.cancel()
-        try:
-            return await fetch  # it may have claimed just before the cancel took effect
-        except asyncio.CancelledError:
-            return []
+        return tasks
 
     async def _has_pending(self) -> bool:
         """Burst mode: is a task still waiting (maybe due later: eta, retry) in our queues?"""
@@ -261,8 +275,7 @@ class AsyncWorker:
     def _done(self, task: Task, ok: bool, value: Any) -> None:
         if self._active.get(task.id) is not task:
             return  # already finished (timed out), or given up at shutdown
-        del self._active[task.id]
-        self._held.pop(task.id, None)
+        del self._active[task.id]  # still held (leased) until its outcome is recorded
         if ok:
             self._succeeded(task, value)
         else:
@@ -297,7 +310,13 @@ class AsyncWorker:
             self._spawn(self._flush_completions())
 
     async def _flush_completions(self) -> None:
-        """Write results, then acks, for every task that finished since the last flush."""
+        """Write results, then acks, for every task that finished since the last flush.
+
+        A failed write is retried with backoff (the tasks stay held, so their
+        leases are renewed meanwhile); at shutdown it is given up after the
+        grace period and the tasks are delivered again once their leases end.
+        """
+        backoff, gave_up_at = _Backoff(), time.monotonic() + self.shutdown_grace
         try:
             while self._completions:
                 if self._active and len(self._completions) < self.concurrency + self.prefetch:
@@ -305,16 +324,47 @@ class AsyncWorker:
                     # costs less than one each (at most 1 ms of result latency).
                     await asyncio.sleep(_FLUSH_WINDOW)
                 batch, self._completions = self._completions, []
-                results = [(r, t.result_ttl) for t, r in batch if r is not None]
-                if results:
-                    await self.omniq.result_storage.set_many(results)
-                acked = await self.queue.ack_many([t for t, _ in batch])
-                for (task, _), ok in zip(batch, acked, strict=True):
-                    self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
+                try:
+                    await self._record_successes(batch)
+                except Exception:
+                    self._completions = batch + self._completions
+                    if self._stop_requested.is_set() and time.monotonic() > gave_up_at:
+                        log.error("giving up recording %d results at shutdown", len(batch))
+                        return
+                    delay = backoff.next()
+                    log.exception(
+                        "could not record %d results; retrying in %.1f s", len(batch), delay
+                    )
+                    await asyncio.sleep(delay)
         finally:
             self._flushing = False
 
+    async def _record_successes(self, batch: list[tuple[Task, TaskResult | None]]) -> None:
+        results = [(r, t.result_ttl) for t, r in batch if r is not None]
+        if results:
+            await self.omniq.result_storage.set_many(results)
+        acked = await self.queue.ack_many([t for t, _ in batch])
+        for (task, _), ok in zip(batch, acked, strict=True):
+            self._held.pop(task.id, None)
+            self.omniq._emit(EventType.SUCCEEDED if ok else EventType.LEASE_LOST, task)
+        self._room_changed()
+
     async def _failed(self, task: Task, exc: BaseException) -> None:
+        try:
+            await self._record_failure(task, exc)
+        except Exception:
+            # Its lease ends and it is delivered again: nothing is lost.
+            log.exception("could not record the failure of task %s", task.id)
+        finally:
+            self._held.pop(task.id, None)
+            self._room_changed()
+
+    def _room_changed(self) -> None:
+        """A held task is done with: the main loop may claim more (or end a burst)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _record_failure(self, task: Task, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
         retryable = not isinstance(exc, ImportError) and task.attempts <= task.max_retries
         if retryable:
@@ -454,6 +504,20 @@ class Worker:
     ) -> None:
         self._worker.stop()
         self._future.result()
+
+
+class _Backoff:
+    """Delays between retries of a failing engine call: 0.1 s doubling up to 5 s."""
+
+    def __init__(self) -> None:
+        self._delay = 0.05
+
+    def next(self) -> float:
+        self._delay = min(self._delay * 2, 5.0)
+        return self._delay
+
+    def reset(self) -> None:
+        self._delay = 0.05
 
 
 def _timeout_error(task: Task) -> TimeoutError:

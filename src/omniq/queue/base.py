@@ -10,15 +10,19 @@ The docstrings of the primitives are the specification a backend implements;
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from .._serialize import DEFAULT_SERIALIZER, Serializer
 from .._task import Task, TaskStatus, new_task_id
+
+if TYPE_CHECKING:
+    from ..results.base import ResultStorage
 
 log = logging.getLogger("omniq.queue")
 
@@ -121,9 +125,18 @@ class TaskQueue(ABC):
         return tasks[0] if tasks else None
 
     async def dequeue_many(
-        self, limit: int, queues: Sequence[str] | None = None, timeout: float | None = None
+        self,
+        limit: int,
+        queues: Sequence[str] | None = None,
+        timeout: float | None = None,
+        *,
+        interrupt: asyncio.Event | None = None,
     ) -> list[Task]:
-        """Lease up to ``limit`` tasks in one round trip, in delivery order."""
+        """Lease up to ``limit`` tasks in one round trip, in delivery order.
+
+        ``interrupt`` ends a wait early (returning ``[]``) when set; it never
+        interrupts a claim, so no task is leased and then dropped.
+        """
         names = list(queues) if queues else self.queues
         deadline = time.monotonic() + (timeout or 0.0)
         while True:
@@ -137,9 +150,24 @@ class TaskQueue(ABC):
             remaining = deadline - time.monotonic()
             if rows:
                 continue  # everything claimed was expired or corrupt: look again at once
-            if remaining <= 0:
+            if remaining <= 0 or (interrupt is not None and interrupt.is_set()):
                 return []
-            await self._wait(names, remaining, since)
+            if interrupt is None:
+                await self._wait(names, remaining, since)
+            elif not await self._wait_unless(interrupt, names, remaining, since):
+                return []
+
+    async def _wait_unless(
+        self, interrupt: asyncio.Event, names: Sequence[str], timeout: float, since: int
+    ) -> bool:
+        """``_wait`` unless ``interrupt`` is set first; False if interrupted."""
+        waiting = asyncio.ensure_future(self._wait(names, timeout, since))
+        interrupted = asyncio.ensure_future(interrupt.wait())
+        await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        for future in (waiting, interrupted):
+            future.cancel()
+        await asyncio.gather(waiting, interrupted, return_exceptions=True)
+        return not interrupt.is_set()
 
     async def ack(self, task: Task) -> bool:
         """Mark a leased task succeeded; False if its lease was lost meanwhile."""
@@ -194,6 +222,11 @@ class TaskQueue(ABC):
     async def requeue(self, task_id: str) -> bool:
         """Put a failed, cancelled or expired task back as pending with attempts reset."""
         return await self._requeue(task_id, time.time())
+
+    def default_result_storage(self) -> ResultStorage | None:
+        """Where results go when none is configured: the queue's own engine if it
+        has one (same file or server), else None (then results stay in memory)."""
+        return None
 
     async def close(self) -> None:
         await self._close()

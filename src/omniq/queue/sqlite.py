@@ -19,6 +19,7 @@ from typing import Any
 from .. import _sqlite
 from .._task import TaskStatus
 from .._urls import sqlite_path_from_url
+from ..results.base import ResultStorage
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
 _SCHEMA = resources.files(__package__).joinpath("sql/sqlite_schema.sql").read_text()
@@ -92,6 +93,11 @@ class SQLiteTaskQueue(TaskQueue):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteTaskQueue:
         return cls(sqlite_path_from_url(url), **options)
+
+    def default_result_storage(self) -> ResultStorage:
+        from ..results.sqlite import SQLiteResultStorage
+
+        return SQLiteResultStorage(self.database_path)
 
     def _db(self) -> _sqlite.SQLiteFile:
         file = self._file

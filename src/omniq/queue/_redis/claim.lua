@@ -1,0 +1,125 @@
+-- claim: lease up to `limit` tasks: queues strictly in list order, within a queue
+-- higher priority first, then enqueue order.
+-- ARGV: K, lease seconds, lease id, limit, retention seconds ('' = no pruning now),
+--       queue, queue, ...
+-- First, in the same step: expired leases and due scheduled tasks become ready
+-- (at most BATCH of each per call) and finished tasks past retention are deleted.
+-- Returns {next, id, payload, attempts, due time, error, id, ...}. `next` is how
+-- many seconds from now the earliest due time or lease end is ('' if none): an
+-- idle consumer that got nothing sleeps that long at most.
+local BATCH, PRUNE = 1000, 200
+local now = clock()
+local lease_end, lease_id = now + tonumber(ARGV[2]), ARGV[3]
+local limit = tonumber(ARGV[4])
+local leases, sched = K .. ':leases', K .. ':sched'
+
+-- The earliest score of a ZSET, as the string Redis stores (nil when empty).
+local function head(key)
+  return redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
+end
+
+local ends = head(leases)
+if ends and tonumber(ends) <= now then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, BATCH)) do
+    redis.call('ZREM', leases, id)
+    local tk = task_key(id)
+    local cur = redis.call('HMGET', tk, 's', 'q', 'p', 'n')
+    if cur[1] == 'running' then
+      redis.call('HSET', tk, 'l', '')
+      make_ready(tk, id, cur[2], cur[3], cur[4])
+    end
+  end
+  ends = head(leases)
+end
+local due = head(sched)
+if due and tonumber(due) <= now then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, BATCH)) do
+    redis.call('ZREM', sched, id)
+    local tk = task_key(id)
+    local cur = redis.call('HMGET', tk, 's', 'q', 'p', 'n')
+    if cur[1] == 'scheduled' then
+      redis.call('HINCRBY', K .. ':scount', cur[2], -1)
+      make_ready(tk, id, cur[2], cur[3], cur[4])
+    end
+  end
+  due = head(sched)
+end
+if ARGV[5] ~= '' then
+  local before = now - tonumber(ARGV[5])
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K .. ':done', '-inf', before, 'LIMIT', 0, PRUNE)) do
+    forget(id)
+    redis.call('ZREM', K .. ':done', id)
+  end
+end
+
+local taken, from, claimed, lease_list, payload_keys = 0, {}, {}, {}, {}
+for i = 6, #ARGV do
+  if taken >= limit then
+    break
+  end
+  -- ZPOPMIN: lowest score (highest priority) first, equal scores bytewise (FIFO).
+  local popped = redis.call('ZPOPMIN', K .. ':q:' .. ARGV[i], limit - taken)
+  if #popped > 0 then
+    from[#from + 1] = ARGV[i]
+  end
+  for j = 1, #popped, 2 do
+    local id = string.sub(popped[j], 17)
+    local tk = task_key(id)
+    local cur = redis.call('HMGET', tk, 's', 'd', 'e', 'a')
+    if cur[1] == 'ready' then
+      local attempts = (tonumber(cur[4]) or 0) + 1
+      redis.call('HSET', tk, 's', 'running', 'l', lease_id, 'a', attempts)
+      claimed[#claimed + 1] = { id, attempts, cur[2], cur[3] }
+      lease_list[#lease_list + 1] = lease_end
+      lease_list[#lease_list + 1] = id
+      payload_keys[#payload_keys + 1] = K .. ':b:' .. id
+      taken = taken + 1
+    end
+  end
+end
+
+local out = { '' }
+if taken > 0 then
+  call_many({ 'ZADD', leases }, lease_list)
+  local payloads = mget(payload_keys)
+  for i, task in ipairs(claimed) do
+    out[#out + 1] = task[1]
+    out[#out + 1] = payloads[i]
+    out[#out + 1] = task[2]
+    out[#out + 1] = task[3]
+    out[#out + 1] = task[4]
+  end
+  if taken >= limit then
+    -- Work may be left for other consumers: make sure one of them is awake.
+    for i = 6, #ARGV do
+      if redis.call('EXISTS', K .. ':q:' .. ARGV[i]) == 1 then
+        if redis.call('LLEN', K .. ':w:' .. ARGV[i]) == 0 then
+          wake(ARGV[i], 1)
+        end
+      end
+    end
+  end
+  if ends and lease_end < tonumber(ends) then
+    -- This lease ends before all others: a consumer asleep until the earlier end
+    -- it knew must re-arm its timer, or our crash would go unnoticed too long.
+    -- (Consumers never sleep longer than their own lease time, which covers the
+    -- case of no other lease.)
+    for _, queue in ipairs(from) do
+      if redis.call('LLEN', K .. ':w:' .. queue) == 0 then
+        wake(queue, 1)
+      end
+    end
+  end
+  if ends == nil or lease_end < tonumber(ends) then
+    ends = lease_end
+  end
+end
+
+local next = tonumber(ends)
+if due and (next == nil or tonumber(due) < next) then
+  next = tonumber(due)
+end
+if next then
+  out[1] = string.format('%.6f', next - now)
+end
+return out

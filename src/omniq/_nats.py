@@ -1,0 +1,719 @@
+"""Connections to NATS, shared by the JetStream queue, result and event storages.
+
+The driver (nats-py) is imported when a component is built, never when ``omniq``
+is imported; without it, building one raises ``MissingDependencyError`` naming
+the extra to install.
+
+A nats-py connection belongs to the event loop that opened it, and one OmniQ
+component may be used from several loops (the sync facade's bridge loop, a
+test's loop, ``asyncio.run`` in a thread). ``Connector`` keeps one ``Link``
+(a connection plus what a component keeps with it) per loop, opened on that
+loop's first call. Each link is tied to an async generator started on its loop,
+so ``asyncio.run`` and ``asyncio.Runner``, which finalize async generators
+before closing a loop, close its connection too; ``close()`` closes them all
+earlier.
+
+JetStream is spoken directly, not through nats-py's JetStream context: a link
+has one wildcard reply subscription, and every publish acknowledgement, batched
+direct get and pull delivery comes back on it, routed by the second-to-last
+tokens of the reply subject. A batch of publishes is one write and one wait
+for all their acknowledgements, which is what makes ``enqueue_many``,
+``ack_many`` and ``set_many`` one round trip each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import logging
+import math
+import re
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import parse_qsl, unquote
+
+import msgspec
+
+from ._errors import ConfigurationError, MissingDependencyError, OmniQError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+log = logging.getLogger("omniq.nats")
+
+INSTALL_HINT = "pip install 'omniq[nats]'"
+DEFAULT_SERVER = "nats://localhost:4222"
+#: Longest wait for one JetStream answer while the connection is up.
+ANSWER_TIMEOUT = 5.0
+#: Error codes of the JetStream API that the backends act on.
+WRONG_LAST_SEQUENCE = 10071
+CONSUMER_EXISTS = 10148
+CONSUMER_NOT_FOUND = 10014
+STREAM_NOT_FOUND = 10059
+NO_MESSAGE_FOUND = 10037
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+def driver() -> ModuleType:
+    """nats-py, imported now; a clear error when it is missing."""
+    try:
+        import nats
+        import nats.aio.client
+        import nats.errors
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the NATS backend needs the nats-py driver: {INSTALL_HINT}"
+        ) from exc
+    return nats
+
+
+def token(name: str) -> str:
+    """``name`` as one subject token, consumer-name part and key-value key.
+
+    Plain names (letters, digits, ``-``, ``_``; up to 64) stay as they are, so
+    subjects read well in ``nats stream view``; anything else becomes ``=``
+    and a URL-safe base64 of it, or ``==`` and a hash when that is long too.
+    No plain name starts with ``=``, so two names never share a token.
+    """
+    if _SAFE_TOKEN.match(name):
+        return name
+    encoded = base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+    if len(encoded) <= 96:
+        return "=" + encoded
+    return "==" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def stream_name(name: str, what: str) -> str:
+    if not name or not _SAFE_TOKEN.match(name):
+        raise ConfigurationError(
+            f"{what} {name!r} is not a valid JetStream name: use letters, digits, - and _"
+        )
+    return name
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 in UTC, rounded *up* to the microsecond (never early)."""
+    micros = math.ceil(timestamp * 1_000_000)
+    if micros / 1_000_000 < timestamp:
+        micros += 1
+    seconds, micros = divmod(micros, 1_000_000)
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{micros:06d}Z"
+
+
+# -- settings ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NATSSettings:
+    """Where the servers are and how to log in; no I/O.
+
+    ``creds`` is the path of a ``.creds`` file (JWT and NKey seed); ``tls`` an
+    ``ssl.SSLContext``, or True for the system's default context (servers
+    given as ``tls://…`` turn it on too).
+    """
+
+    servers: tuple[str, ...] = (DEFAULT_SERVER,)
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls: ssl.SSLContext | bool | None = None
+    name: str | None = None
+    connect_timeout: float = 5.0
+    #: How long an operation rides out a lost server before it raises.
+    retry_timeout: float = 30.0
+
+    def connect_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "servers": list(self.servers),
+            "name": self.name or "omniq",
+            "connect_timeout": self.connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.1,
+            "skip_subject_validation": True,
+        }
+        if self.user is not None:
+            options["user"] = self.user
+        if self.password is not None:
+            options["password"] = self.password
+        if self.token is not None:
+            options["token"] = self.token
+        if self.creds is not None:
+            options["user_credentials"] = self.creds
+        if isinstance(self.tls, ssl.SSLContext):
+            options["tls"] = self.tls
+        elif self.tls:
+            options["tls"] = ssl.create_default_context()
+        return options
+
+    def __str__(self) -> str:
+        """The servers, without credentials."""
+        return ",".join(_without_userinfo(s) for s in self.servers)
+
+
+def _without_userinfo(server: str) -> str:
+    scheme, sep, rest = server.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else server.rpartition("@")[2]
+
+
+def nats_settings(
+    servers: str | Sequence[str],
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    creds: str | None = None,
+    tls: ssl.SSLContext | bool | None = None,
+    name: str | None = None,
+    connect_timeout: float = 5.0,
+    retry_timeout: float = 30.0,
+) -> NATSSettings:
+    listed = [servers] if isinstance(servers, str) else list(servers)
+    if not listed:
+        raise ConfigurationError("servers must name at least one NATS server")
+    for server in listed:
+        if not isinstance(server, str) or not server:
+            raise ConfigurationError(f"not a NATS server address: {server!r}")
+    if retry_timeout < 0 or connect_timeout <= 0:
+        raise ConfigurationError("timeouts must be positive")
+    return NATSSettings(
+        tuple(listed), user, password, token, creds, tls, name, connect_timeout, retry_timeout
+    )
+
+
+def parse_url(url: str, options: Sequence[str]) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    """``nats://[user:password@|token@]host[:port][,host[:port]…][?option=value]``.
+
+    Returns the server URLs, the credentials found in the URL (as keyword
+    arguments) and the query options, which must be among ``options``.
+    ``tls://`` URLs turn TLS on.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("nats", "tls"):
+        raise ConfigurationError(f"not a nats:// URL: {url!r}")
+    rest, _, fragment = rest.partition("#")
+    location, _, query = rest.partition("?")
+    location = location.rstrip("/")
+    if "/" in location:
+        raise ConfigurationError(f"{url!r}: a NATS URL has no path; options go in ?option=value")
+    credentials: dict[str, Any] = {}
+    userinfo, at, hosts = location.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            credentials.update(user=unquote(user), password=unquote(password))
+        else:
+            credentials["token"] = unquote(user)
+    if not hosts:
+        raise ConfigurationError(f"{url!r} names no server")
+    servers = []
+    for host in hosts.split(","):
+        if not host:
+            raise ConfigurationError(f"{url!r}: empty server in the list")
+        servers.append(f"{scheme}://{host}")
+    if scheme == "tls":
+        credentials["tls"] = True
+    found = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(found) - set(options))
+    if unknown or fragment:
+        allowed = ", ".join(options) or "none"
+        raise ConfigurationError(
+            f"{url!r}: unknown option {', '.join(unknown) or '#' + fragment}; URLs take {allowed}"
+        )
+    return servers, credentials, found
+
+
+# -- JetStream messages -----------------------------------------------------------------
+class ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class PubAck(msgspec.Struct):
+    """What JetStream answers to a publish: the stored sequence, or an error."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: ApiError | None = None
+
+    @property
+    def conflict(self) -> bool:
+        """An ``Expected-Last-Subject-Sequence`` check failed: someone wrote first."""
+        return self.error is not None and self.error.err_code == WRONG_LAST_SEQUENCE
+
+
+_pub_ack = msgspec.json.Decoder(PubAck)
+
+
+class JetStreamError(OmniQError):
+    """The JetStream API answered an error (the stream or consumer is misconfigured, say)."""
+
+    def __init__(self, what: str, error: dict[str, Any] | ApiError) -> None:
+        if isinstance(error, ApiError):
+            error = msgspec.structs.asdict(error)
+        self.code = int(error.get("code", 0))
+        self.err_code = int(error.get("err_code", 0))
+        super().__init__(f"{what}: {error.get('description', error)} (code {self.err_code})")
+
+
+class Stored(NamedTuple):
+    """A message read back from a stream (direct get)."""
+
+    subject: str
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
+def status_of(msg: Msg) -> str | None:
+    headers = msg.headers
+    return headers.get("Status") if headers else None
+
+
+def stored(msg: Msg) -> Stored:
+    headers = msg.headers or {}
+    return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data, headers)
+
+
+class Outgoing(NamedTuple):
+    """One message of a batch of publishes."""
+
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None = None
+
+
+# -- one loop's connection ----------------------------------------------------------------
+class _Batch:
+    __slots__ = ("future", "left", "replies")
+
+    def __init__(self, size: int) -> None:
+        self.replies: list[bytes | None] = [None] * size
+        self.left = size
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class _Collector:
+    __slots__ = ("end", "future", "messages", "single")
+
+    def __init__(self, single: bool) -> None:
+        self.messages: list[Msg] = []
+        self.end: dict[str, str] = {}
+        self.single = single
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Link:
+    """A connection on one event loop, with the replies it routes.
+
+    ``generation`` counts events a waiter cares about (deliveries, reconnects,
+    whatever a component ``ring``s for); ``changed`` waits for the next one.
+    ``ext`` holds the component's own per-connection state.
+    """
+
+    def __init__(self, connector: Connector, nc: Client) -> None:
+        self.connector = connector
+        self.nc = nc
+        self.closed = False
+        self.generation = 0
+        self.reconnects = 0
+        self.ext: Any = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._bell = asyncio.Event()
+        self._up = asyncio.Event()
+        self._up.set()
+        self._ids = itertools.count()
+        self._batches: dict[str, _Batch] = {}
+        self._collectors: dict[str, _Collector] = {}
+        self.inbox = ""
+        self._lifetime: AsyncIterator[None] | None = None
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    async def start(self) -> None:
+        self.inbox = self.nc.new_inbox()
+        for kind in ("a", "g"):
+            await self.nc.subscribe(
+                f"{self.inbox}.{kind}.>",
+                cb=self._on_reply,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=0,
+            )
+        lifetime = self._live()
+        # The first step registers the generator with the running loop, whose
+        # shutdown (asyncio.run, asyncio.Runner) then finalizes it: see _live.
+        await lifetime.__anext__()
+        self._lifetime = lifetime
+
+    async def _live(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self._shutdown()
+
+    # -- connection state ---------------------------------------------------------------
+    def ring(self) -> None:
+        self.generation += 1
+        self._bell.set()
+
+    async def changed(self, since: int, timeout: float | None) -> None:
+        """Return once ``generation`` differs from ``since``, or after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.generation == since and not self.closed:
+            self._bell.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._bell.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def disconnected(self) -> None:
+        self._up.clear()
+
+    def reconnected(self) -> None:
+        self.reconnects += 1
+        self._up.set()
+        for callback in self.on_reconnect:
+            callback()
+        self.ring()
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set() and self.nc.is_connected
+
+    async def until_up(self, timeout: float) -> bool:
+        if self.up:
+            return True
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return self.nc.is_connected
+
+    # -- replies ----------------------------------------------------------------------------
+    def reply_to(self, kind: str, *parts: object) -> str:
+        return ".".join((self.inbox, kind, *map(str, parts)))
+
+    async def listen(self, kind: str, handler: Callable[[Msg], None]) -> Any:
+        """Subscribe ``handler`` to ``reply_to(kind, …)``: deliveries of a consumer.
+
+        JetStream delivers a consumer's messages with their own subject (only
+        the subscription tells where they belong), so each delivery target
+        gets a subscription of its own; statuses come on the reply subject.
+        """
+
+        async def deliver(msg: Msg) -> None:
+            handler(msg)
+
+        return await self.nc.subscribe(
+            f"{self.inbox}.{kind}.>", cb=deliver, pending_msgs_limit=-1, pending_bytes_limit=0
+        )
+
+    async def _on_reply(self, msg: Msg) -> None:
+        tokens = msg.subject[len(self.inbox) + 1 :].split(".")
+        kind = tokens[0]
+        if kind == "a":
+            batch = self._batches.get(tokens[1])
+            if batch is not None:
+                index = int(tokens[2])
+                if batch.replies[index] is None:
+                    batch.replies[index] = msg.data
+                    batch.left -= 1
+                    if batch.left == 0 and not batch.future.done():
+                        batch.future.set_result(None)
+        elif kind == "g":
+            collector = self._collectors.get(tokens[1])
+            if collector is not None:
+                if status_of(msg) is None:
+                    collector.messages.append(msg)
+                    if collector.single and not collector.future.done():
+                        collector.future.set_result(None)
+                elif not collector.future.done():
+                    collector.end = msg.headers or {}
+                    collector.future.set_result(None)
+
+    # -- JetStream operations -----------------------------------------------------------------
+    async def publish_many(
+        self, messages: Sequence[Outgoing], *, retry: bool = True
+    ) -> list[PubAck]:
+        """Publish to JetStream and wait for every acknowledgement: one round trip.
+
+        A message whose acknowledgement never comes (the server went away with
+        it in flight) is published again once the connection is back, up to
+        the settings' ``retry_timeout``; an answer that it is a duplicate
+        (``Nats-Msg-Id``) then means it was stored by the first attempt.
+        """
+        if not messages:
+            return []
+        acks: list[PubAck | None] = [None] * len(messages)
+        todo = list(range(len(messages)))
+        deadline = time.monotonic() + self.connector.settings.retry_timeout
+        attempt = 0
+        while True:
+            replies = await self._send_batch([messages[i] for i in todo], deadline)
+            missing = []
+            for index, reply in zip(todo, replies, strict=True):
+                if reply is None:
+                    missing.append(index)
+                    continue
+                ack = _pub_ack.decode(reply)
+                if attempt and ack.duplicate:
+                    ack.duplicate = False  # our own earlier attempt stored it
+                acks[index] = ack
+            if not missing:
+                return [ack for ack in acks if ack is not None]
+            if not retry or time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"JetStream did not acknowledge {len(missing)} publishes "
+                    f"({self.connector.settings})"
+                )
+            attempt += 1
+            todo = missing
+
+    async def request_many(self, messages: Sequence[Outgoing]) -> list[bytes | None]:
+        """Send requests and wait (one round trip) for their replies; None where none came."""
+        if not messages:
+            return []
+        deadline = time.monotonic() + self.connector.settings.retry_timeout
+        return await self._send_batch(messages, deadline)
+
+    async def _send_batch(
+        self, messages: Sequence[Outgoing], deadline: float
+    ) -> list[bytes | None]:
+        key = str(next(self._ids))
+        batch = _Batch(len(messages))
+        self._batches[key] = batch
+        prefix = f"{self.inbox}.a.{key}."
+        publish = self.nc.publish
+        try:
+            for index, (subject, payload, headers) in enumerate(messages):
+                await publish(subject, payload, reply=prefix + str(index), headers=headers)
+            await self._await(batch.future, deadline)
+            return batch.replies
+        finally:
+            del self._batches[key]
+
+    async def _await(self, future: asyncio.Future[None], deadline: float) -> None:
+        """Wait for ``future``: ``ANSWER_TIMEOUT`` while connected, longer across reconnects."""
+        while not future.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            reconnects = self.reconnects
+            done, _ = await asyncio.wait({future}, timeout=min(ANSWER_TIMEOUT, remaining))
+            if done:
+                return
+            if self.up and self.reconnects == reconnects:
+                return  # connected all along: the answer is lost, not late
+            await self.until_up(max(0.0, deadline - time.monotonic()))
+
+    async def api(
+        self, subject: str, body: dict[str, Any] | None = None, *, check: bool = True
+    ) -> dict[str, Any]:
+        """One JetStream API request (``$JS.API.<subject>``), retried across reconnects."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        errors = self.connector.nats.errors
+        deadline = time.monotonic() + self.connector.settings.retry_timeout
+        while True:
+            try:
+                msg = await self.nc.request("$JS.API." + subject, payload, timeout=ANSWER_TIMEOUT)
+            except (errors.TimeoutError, errors.NoRespondersError, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"JetStream API {subject}: no answer ({exc!r})") from None
+                await self.until_up(max(0.0, deadline - time.monotonic()))
+                await asyncio.sleep(0.05)
+                continue
+            answer: dict[str, Any] = json.loads(msg.data)
+            if check and "error" in answer:
+                raise JetStreamError(subject, answer["error"])
+            return answer
+
+    async def get_last(self, stream: str, subject: str) -> Stored | None:
+        """The newest message on ``subject`` (wildcards allowed), or None."""
+        found = await self.direct_get(stream, {"last_by_subj": subject}, single=True)
+        return found[0] if found else None
+
+    async def count(self, stream: str, subject: str) -> int:
+        """How many messages are on ``subject`` (wildcards allowed), read from the stream itself."""
+        request = {"seq": 1, "next_by_subj": subject, "batch": 1}
+        found, end = await self._direct_get(stream, request, single=False)
+        return len(found) + int(end.get("Nats-Num-Pending", 0)) if found else 0
+
+    async def direct_get(
+        self, stream: str, request: dict[str, Any], *, single: bool = False
+    ) -> list[Stored]:
+        """A direct get (``allow_direct``); batched requests return every message up to EOB."""
+        return (await self._direct_get(stream, request, single=single))[0]
+
+    async def _direct_get(
+        self, stream: str, request: dict[str, Any], *, single: bool
+    ) -> tuple[list[Stored], dict[str, str]]:
+        payload = json.dumps(request).encode()
+        deadline = time.monotonic() + self.connector.settings.retry_timeout
+        while True:
+            key = str(next(self._ids))
+            collector = _Collector(single)
+            self._collectors[key] = collector
+            try:
+                await self.nc.publish(
+                    f"$JS.API.DIRECT.GET.{stream}", payload, reply=f"{self.inbox}.g.{key}"
+                )
+                await self._await(collector.future, deadline)
+            finally:
+                del self._collectors[key]
+            if collector.future.done():
+                return [stored(m) for m in collector.messages], collector.end
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"direct get from {stream}: no answer")
+
+    async def close(self) -> None:
+        lifetime, self._lifetime = self._lifetime, None
+        if lifetime is not None:
+            await lifetime.aclose()  # type: ignore[attr-defined]
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._bell.set()
+        closing = self.connector.before_close
+        if closing is not None:
+            try:
+                await closing(self)
+            except Exception:  # the connection may be gone already
+                log.debug("NATS link cleanup failed", exc_info=True)
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.nc.close()
+        except Exception:
+            log.debug("closing the NATS connection failed", exc_info=True)
+
+
+class Connector:
+    """The NATS servers of one OmniQ component: a ``Link`` per event loop.
+
+    ``setup(link)`` runs once per new link (subscriptions, streams); the
+    component's ``before_close(link)`` runs before its connection closes.
+    """
+
+    def __init__(
+        self,
+        settings: NATSSettings,
+        setup: Callable[[Link], Awaitable[None]] | None = None,
+        before_close: Callable[[Link], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.nats = driver()
+        self.setup = setup
+        self.before_close = before_close
+        self._lock = threading.Lock()
+        self._links: dict[asyncio.AbstractEventLoop, Link] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future[Link]] = {}
+        self._idle: list[Link] = []
+
+    def current(self) -> Link | None:
+        """This loop's link if it is open (no I/O)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        link = self._links.get(loop)
+        return None if link is None or link.closed else link
+
+    async def link(self) -> Link:
+        """This loop's link, opened (and set up) on first use."""
+        loop = asyncio.get_running_loop()
+        link = self._links.get(loop)
+        if link is not None and not link.closed:
+            return link
+        opening = self._opening.get(loop)
+        if opening is not None:
+            return await asyncio.shield(opening)
+        future: asyncio.Future[Link] = loop.create_future()
+        self._opening[loop] = future
+        try:
+            link = await self._open(loop)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: only waiters that came meanwhile see it
+            raise
+        finally:
+            del self._opening[loop]
+        future.set_result(link)
+        return link
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> Link:
+        holder: list[Link] = []
+
+        async def disconnected() -> None:
+            if holder:
+                holder[0].disconnected()
+
+        async def reconnected() -> None:
+            if holder:
+                log.info("reconnected to NATS at %s", self.settings)
+                holder[0].reconnected()
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS connection (%s): %r", self.settings, exc)
+
+        try:
+            nc = await self.nats.connect(
+                **self.settings.connect_options(),
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+            )
+        except Exception as exc:
+            raise ConnectionError(f"cannot connect to NATS at {self.settings}: {exc}") from exc
+        link = Link(self, nc)
+        holder.append(link)
+        try:
+            await link.start()
+            if self.setup is not None:
+                await self.setup(link)
+        except BaseException:
+            await link.close()
+            raise
+        with self._lock:
+            for other in [lp for lp in self._links if lp.is_closed()]:
+                del self._links[other]
+            self._links[loop] = link
+        return link
+
+    async def close(self) -> None:
+        """Close every loop's link: this loop's now, running loops' soon."""
+        with self._lock:
+            links, self._links = self._links, {}
+            self._idle = [link for link in self._idle if not link.closed]
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, link in links.items():
+            if loop is current:
+                await link.close()
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(link.close(), loop)
+            elif not loop.is_closed():
+                # Not running now: its shutdown finalizes the link; keep it referenced.
+                self._idle.append(link)

@@ -1,0 +1,406 @@
+"""What only the NATS JetStream backend promises: restarts, dedup, schedules, TTLs, retention.
+
+The contract suite (``test_contract.py``) and the result storage tests already
+run on NATS; so do the event storage tests, re-run here on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from omniq import AsyncOmniQ, ConfigurationError, MissingDependencyError, OmniQ, TaskStatus
+from omniq._nats import token
+from omniq.events import Event, EventStorage, EventType
+from omniq.events.nats import NATSEventStorage
+from omniq.queue import NATSTaskQueue
+from omniq.results import TaskResult
+from omniq.results.nats import NATSResultStorage
+from omniq.testing.contract import async_double, echo, make_task
+
+from .servers.nats import NATSServer, delete_streams
+
+# The event storage contract, on NATS (the module's fixtures are overridden below).
+from .test_event_storages import (  # noqa: F401
+    Factory,
+    test_async_context_manager_closes,
+    test_close_then_use_again,
+    test_concurrent_appends_from_threads,
+    test_empty_storage_and_empty_batch,
+    test_filter_by_task_id,
+    test_filter_by_type,
+    test_filters_combine,
+    test_limit_returns_the_oldest_matches,
+    test_round_trip_preserves_order_and_fields,
+    test_since_is_inclusive_and_until_exclusive,
+)
+
+DEADLINE = 10.0
+
+
+@pytest.fixture
+def fresh(nats_server: str, request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Fresh stream names; every stream made from them is deleted when the test ends."""
+    made: list[str] = []
+
+    def name() -> str:
+        made.append(f"T{uuid.uuid4().hex[:12]}")
+        return made[-1]
+
+    def cleanup() -> None:
+        streams = [s for n in made for s in (n, f"KV_{n}", f"KV_{n}_RESULTS")]
+        if streams:
+            delete_streams(nats_server, *streams)
+
+    request.addfinalizer(cleanup)
+    return name
+
+
+@pytest.fixture
+def make_storage(nats_server: str, fresh: Callable[[], str]) -> Factory:
+    stream = fresh()
+    return lambda: NATSEventStorage(nats_server, stream=stream)
+
+
+@pytest.fixture
+async def storage(make_storage: Factory) -> AsyncIterator[EventStorage]:
+    s = make_storage()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def queue(nats_server: str, fresh: Callable[[], str]) -> AsyncIterator[NATSTaskQueue]:
+    q = NATSTaskQueue(nats_server, stream=fresh())
+    yield q
+    await q.close()
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def passed(moment: float) -> None:
+    """Until the clock reaches ``moment`` (a time condition, not synchronisation)."""
+
+    async def reached() -> bool:
+        return time.time() >= moment
+
+    await until(reached, "the time to come")
+
+
+async def subjects(queue: NATSTaskQueue) -> dict[str, int]:
+    link = await queue._link()
+    info = await link.api(f"STREAM.INFO.{queue.stream}", {"subjects_filter": ">"})
+    found: dict[str, int] = info["state"].get("subjects") or {}
+    return found
+
+
+# -- a running worker rides out a server restart -------------------------------------------
+async def slow_echo(value: Any) -> Any:
+    await asyncio.sleep(0.005)
+    return value
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["terminate", "kill-9"])
+async def test_running_worker_survives_a_server_restart(
+    own_nats_server: NATSServer, fresh: Callable[[], str], kill: bool
+) -> None:
+    url = f"{own_nats_server.url}?stream={fresh()}"
+    async with AsyncOmniQ(url) as omniq:  # results in the server's key-value store too
+        assert isinstance(omniq.result_storage, NATSResultStorage)
+        before = await omniq.enqueue_many(slow_echo, [(i,) for i in range(40)])
+        async with omniq.worker(concurrency=4):
+            assert await omniq.get_result(before[0], timeout=DEADLINE) == 0
+            # Restart while tasks run, are claimed and acked, and pulls wait.
+            await asyncio.to_thread(own_nats_server.restart, kill=kill)
+            after = [await omniq.enqueue(async_double, i) for i in range(5)]
+            for i, task_id in enumerate(before):
+                assert await omniq.get_result(task_id, timeout=3 * DEADLINE) == i
+            for i, task_id in enumerate(after):
+                assert await omniq.get_result(task_id, timeout=3 * DEADLINE) == 2 * i
+        assert await omniq.size() == 0
+
+
+async def test_tasks_persist_across_a_server_restart(
+    own_nats_server: NATSServer, fresh: Callable[[], str]
+) -> None:
+    stream = fresh()
+    first = NATSTaskQueue(own_nats_server.url, stream=stream)
+    await first.enqueue(make_task(id="kept"))
+    await first.close()
+    await asyncio.to_thread(own_nats_server.restart, kill=True)
+    second = NATSTaskQueue(own_nats_server.url, stream=stream)
+    try:
+        task = await second.dequeue()
+        assert task is not None and task.id == "kept"
+    finally:
+        await second.close()
+
+
+# -- idempotent enqueue -------------------------------------------------------------------
+async def test_dedup_outlives_the_duplicate_window(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    queue = NATSTaskQueue(nats_server, stream=fresh(), duplicate_window=0.2)
+    try:
+        assert await queue.enqueue_many([make_task(id="order-1")]) == [True]
+        await passed(time.time() + 0.3)
+        # Past Nats-Msg-Id's window the subject check still knows the task,
+        # pending, running or finished.
+        assert await queue.enqueue_many([make_task(id="order-1")]) == [False]
+        task = await queue.dequeue()
+        assert task is not None
+        assert await queue.enqueue_many([make_task(id="order-1")]) == [False]
+        assert await queue.ack(task)
+        assert await queue.enqueue_many([make_task(id="order-1")]) == [False]
+        assert await queue.size("default") == 0
+    finally:
+        await queue.close()
+
+
+async def test_duplicates_within_one_batch_and_across_queues(queue: NATSTaskQueue) -> None:
+    batch = [make_task("a", id="x"), make_task("b", id="x"), make_task("a", priority=3, id="x")]
+    assert await queue.enqueue_many(batch) == [True, False, False]
+    assert await queue.size("a") == 1 and await queue.size("b") == 0
+
+
+async def test_finished_tasks_expire_by_message_ttl(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    queue = NATSTaskQueue(nats_server, stream=fresh(), retention_seconds=1, duplicate_window=0.2)
+    try:
+        await queue.enqueue(make_task(id="short-lived"))
+        task = await queue.dequeue()
+        assert task is not None and await queue.ack(task)
+        stored = await queue.get_task("short-lived")
+        assert stored is not None and stored.status is TaskStatus.SUCCEEDED
+
+        async def gone() -> bool:
+            return await queue.get_task("short-lived") is None
+
+        await until(gone, "the server to drop the finished task")
+        assert await queue.enqueue(make_task(id="short-lived")) == "short-lived"
+        assert await queue.size() == 1  # a pruned id is new again (past Nats-Msg-Id's window)
+    finally:
+        await queue.close()
+
+
+# -- the storage layout ---------------------------------------------------------------------
+async def test_subjects_on_the_server_are_the_documented_ones(queue: NATSTaskQueue) -> None:
+    s = queue.stream
+    await queue.enqueue(make_task("jobs", 5, id="a"))
+    await queue.enqueue(make_task("jobs", id="b", due_at=time.time() + 3600))
+    assert await subjects(queue) == {f"{s}.r.jobs.5.a": 1, f"{s}.s.jobs.0.b": 1}
+    task = await queue.dequeue(["jobs"])
+    assert task is not None
+    assert set(await subjects(queue)) == {f"{s}.r.jobs.5.a", f"{s}.t.jobs.5.a", f"{s}.s.jobs.0.b"}
+    assert await queue.nack(task, error="boom")
+    assert set(await subjects(queue)) == {f"{s}.f.jobs.5.a", f"{s}.s.jobs.0.b"}
+    link = await queue._link()
+    consumers = await link.api(f"CONSUMER.NAMES.{s}", {})
+    assert sorted(consumers["consumers"]) == ["r~jobs~0", "r~jobs~5"]
+
+
+async def test_names_that_are_not_subject_tokens_round_trip(queue: NATSTaskQueue) -> None:
+    odd = ["emails.high", "a b", "ünïcode", "*", ">", "x" * 200]
+    for name in odd:
+        await queue.enqueue(make_task(name, id=f"id of {name}"))
+    for name in odd:
+        assert await queue.size(name) == 1
+        task = await queue.dequeue([name])
+        assert task is not None and task.queue_name == name and task.id == f"id of {name}"
+        assert await queue.ack(task)
+    assert len({token(n) for n in odd}) == len(odd)
+
+
+async def test_arbitrary_priorities_are_exact_across_many_bands(queue: NATSTaskQueue) -> None:
+    priorities = [7, -100, 3, 10**9, 0, -1, 3, 42, -(10**9), 7]
+    tasks = [make_task(priority=p) for p in priorities]
+    await queue.enqueue_many(tasks)
+    got = []
+    while len(got) < len(tasks):
+        batch = await queue.dequeue_many(3)
+        assert batch
+        got += batch
+    expected = sorted(range(len(tasks)), key=lambda i: (-tasks[i].priority, i))
+    assert [t.id for t in got] == [tasks[i].id for i in expected]
+
+
+# -- eta and cancel use server-side schedules ------------------------------------------------
+async def test_a_cancelled_schedule_never_fires(queue: NATSTaskQueue) -> None:
+    due = time.time() + 0.3
+    await queue.enqueue(make_task(id="later", due_at=due))
+    assert await queue.size() == 1
+    assert await queue.cancel("later")
+    assert await queue.size() == 0
+    past_due = time.time() + 0.3 - due + 0.5  # the schedule's time, then some
+    assert await queue.dequeue(timeout=past_due) is None
+    assert set(await subjects(queue)) == {f"{queue.stream}.t.default.0.later"}
+
+
+async def test_waiting_worker_takes_a_task_due_later(queue: NATSTaskQueue) -> None:
+    due = time.time() + 0.2
+    waiter = asyncio.ensure_future(queue.dequeue(timeout=DEADLINE))
+    await queue.enqueue(make_task(id="eta", due_at=due))
+    task = await waiter
+    assert task is not None and task.id == "eta" and time.time() >= due
+
+
+async def test_a_stale_lease_cannot_ack_or_extend(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    queue = NATSTaskQueue(nats_server, stream=fresh(), lease_seconds=0.2)
+    try:
+        await queue.enqueue(make_task())
+        first = await queue.dequeue()
+        second = await queue.dequeue(timeout=DEADLINE)
+        assert first is not None and second is not None and second.attempts == 2
+        assert await queue.extend_lease([first, second]) == [False, True]
+        assert not await queue.ack(first)  # JetStream alone would have accepted this ack
+        assert await queue.ack(second)
+    finally:
+        await queue.close()
+
+
+# -- results: a key-value bucket with per-message TTL ----------------------------------------
+async def test_result_ttl_is_a_server_side_message_ttl(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    bucket = fresh()
+    store = NATSResultStorage(nats_server, bucket=bucket)
+    try:
+        result = TaskResult(task_id="t", succeeded=True, value=b"\x01")
+        await store.set_many([(result, 0.5), (TaskResult(task_id="kept", succeeded=True), None)])
+        link = await store._connector.link()
+        raw = await link.get_last(f"KV_{bucket}", f"$KV.{bucket}.t")
+        assert raw is not None and raw.headers["Nats-TTL"] == "1"
+
+        async def gone_from_the_server() -> bool:
+            return await link.get_last(f"KV_{bucket}", f"$KV.{bucket}.t") is None
+
+        await until(gone_from_the_server, "the server to drop the expired result")
+        assert await store.get("t") is None
+        assert await store.get("kept") is not None
+    finally:
+        await store.close()
+
+
+async def test_result_wait_watches_the_key(nats_server: str, fresh: Callable[[], str]) -> None:
+    bucket = fresh()
+    store = NATSResultStorage(nats_server, bucket=bucket)
+    writer = NATSResultStorage(nats_server, bucket=bucket)
+    try:
+        waiter = asyncio.ensure_future(store.wait("w", DEADLINE))
+        link = await store._connector.link()
+
+        async def watching() -> bool:
+            info = await link.api(f"STREAM.INFO.KV_{bucket}")
+            return int(info["state"]["consumer_count"]) == 1
+
+        await until(watching, "the watch to start")
+        await writer.set_many([(TaskResult(task_id="w", succeeded=True), None)])
+        result = await waiter
+        assert result is not None and result.task_id == "w"
+    finally:
+        await store.close()
+        await writer.close()
+
+
+# -- events: a stream with a retention limit ---------------------------------------------------
+async def test_events_keep_at_most_max_msgs(nats_server: str, fresh: Callable[[], str]) -> None:
+    store = NATSEventStorage(nats_server, stream=fresh(), max_msgs=5)
+    try:
+        events = [Event(task_id=f"t{i}", type=EventType.ENQUEUED, at=float(i)) for i in range(8)]
+        await store.append(events)
+        assert await store.query() == events[-5:]
+    finally:
+        await store.close()
+
+
+async def test_events_older_than_max_age_are_dropped(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    store = NATSEventStorage(nats_server, stream=fresh(), max_age=1.0)
+    try:
+        await store.append([Event(task_id="old", type=EventType.ENQUEUED)])
+        assert len(await store.query()) == 1
+
+        async def dropped() -> bool:
+            return await store.query() == []
+
+        await until(dropped, "the server to drop old events")
+    finally:
+        await store.close()
+
+
+# -- configuration ---------------------------------------------------------------------------
+def test_constructors_do_no_io() -> None:
+    queue = NATSTaskQueue(servers=["nats://localhost:4222"])  # the seed's constructor
+    assert queue.stream == "OMNIQ" and queue.settings.servers == ("nats://localhost:4222",)
+    NATSResultStorage("nats://nowhere.invalid:4222")
+    NATSEventStorage("nats://nowhere.invalid:4222")
+
+
+def test_from_url_reads_servers_credentials_and_options() -> None:
+    queue = NATSTaskQueue.from_url("nats://me:s%40cret@h1:4222,h2:5222?stream=JOBS")
+    assert queue.settings.servers == ("nats://h1:4222", "nats://h2:5222")
+    assert (queue.settings.user, queue.settings.password) == ("me", "s@cret")
+    assert queue.stream == "JOBS"
+    assert "s@cret" not in repr(queue)
+    assert NATSTaskQueue.from_url("nats://tok@h").settings.token == "tok"
+    assert NATSTaskQueue.from_url("tls://h:4443").settings.tls is True
+    results = NATSResultStorage.from_url("nats://h?bucket=R")
+    assert results.bucket == "R"
+    for bad in ("nats://h/path", "nats://h?nope=1", "redis://h", "nats://", "nats://h?stream=a.b"):
+        with pytest.raises(ConfigurationError):
+            NATSTaskQueue.from_url(bad)
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nats", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'omniq\[nats\]'"):
+        NATSTaskQueue()
+
+
+def test_urls_choose_nats_for_every_component(nats_server: str, fresh: Callable[[], str]) -> None:
+    stream = fresh()
+    url = f"{nats_server}?stream={stream}"
+    with OmniQ(url, event_storage=f"{nats_server}?stream={fresh()}") as omniq:
+        assert isinstance(omniq.task_queue, NATSTaskQueue)
+        assert isinstance(omniq.result_storage, NATSResultStorage)
+        assert omniq.result_storage.bucket == f"{stream}_RESULTS"
+        task_id = omniq.enqueue(echo, "hello")
+        omniq.worker().run(burst=True)
+        assert omniq.get_result(task_id, timeout=DEADLINE) == "hello"
+        assert [e.type for e in omniq.events(task_id=task_id)] == [
+            EventType.ENQUEUED, EventType.STARTED, EventType.SUCCEEDED,
+        ]  # fmt: skip
+
+
+def test_sync_facade_enqueues_from_many_threads(nats_server: str, fresh: Callable[[], str]) -> None:
+    import threading
+
+    with OmniQ(f"{nats_server}?stream={fresh()}") as omniq:
+        ids: list[str] = []
+
+        def produce() -> None:
+            for i in range(25):
+                ids.append(omniq.enqueue(echo, i))
+
+        threads = [threading.Thread(target=produce) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert omniq.size() == 100 == len(set(ids))

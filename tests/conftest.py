@@ -13,7 +13,12 @@ from omniq.testing.contract import MakeQueue
 from .backends import QUEUE_BACKENDS, RESULT_BACKENDS
 
 #: Session fixtures that start real servers (one module per server).
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.servers.redis",
+    "tests.servers.postgres",
+    "tests.servers.s3",
+    "tests.servers.nats",
+]
 
 
 def _backend(name: str) -> object:

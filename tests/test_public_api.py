@@ -33,23 +33,6 @@ def test_import_needs_no_optional_driver() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda q: q.RedisTaskQueue(host="localhost", port=6379),
-        lambda q: q.PostgreSQLTaskQueue(dsn="postgresql://user:password@host:5432/database"),
-        lambda q: q.NATSTaskQueue(servers=["nats://localhost:4222"]),
-        lambda q: q.FileTaskQueue(base_dir="./omniq_tasks"),
-    ],
-    ids=["redis", "postgres", "nats", "file"],
-)
-def test_backends_not_built_yet_say_so(make: object) -> None:
-    import omniq.queue as queues
-
-    with pytest.raises(ConfigurationError, match="not available yet"):
-        make(queues)  # type: ignore[operator]
-
-
 def test_seed_constructors_do_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert isinstance(MemoryTaskQueue(), MemoryTaskQueue)

@@ -34,12 +34,25 @@ _QUEUES = {
 _RESULTS = {
     "memory": "omniq.results.memory:MemoryResultStorage",
     "sqlite": "omniq.results.sqlite:SQLiteResultStorage",
+    "file": "omniq.results.file:FileResultStorage",
+    "s3": "omniq.results.file:FileResultStorage",
+    "postgresql": "omniq.results.postgres:PostgreSQLResultStorage",
+    "postgres": "omniq.results.postgres:PostgreSQLResultStorage",
+    "redis": "omniq.results.redis:RedisResultStorage",
+    "rediss": "omniq.results.redis:RedisResultStorage",
+    "nats": "omniq.results.nats:NATSResultStorage",
 }
 _EVENTS = {
     "memory": "omniq.events.memory:MemoryEventStorage",
     "sqlite": "omniq.events.sqlite:SQLiteEventStorage",
     "file": "omniq.events.jsonl:JSONLEventStorage",
     "jsonl": "omniq.events.jsonl:JSONLEventStorage",
+    "s3": "omniq.events.jsonl:JSONLEventStorage",
+    "postgresql": "omniq.events.postgres:PostgreSQLEventStorage",
+    "postgres": "omniq.events.postgres:PostgreSQLEventStorage",
+    "redis": "omniq.events.redis:RedisEventStorage",
+    "rediss": "omniq.events.redis:RedisEventStorage",
+    "nats": "omniq.events.nats:NATSEventStorage",
 }
 
 C = TypeVar("C")
@@ -70,16 +83,13 @@ def result_storage(value: ResultStorage | str | None, queue: TaskQueue) -> Resul
         return value
     url = value or os.environ.get(RESULT_STORAGE_ENV)
     if url is None:
-        url = _default_results_url(queue)
+        # By default results live with the tasks: same file or server.
+        default = queue.default_result_storage()
+        if default is not None:
+            return default
+        url = "memory://"
     storage: ResultStorage = _from_url("result storage", _RESULTS, url)
     return storage
-
-
-def _default_results_url(queue: TaskQueue) -> str:
-    database_path = getattr(queue, "database_path", None)
-    if database_path is not None:
-        return f"sqlite:///{database_path}"
-    return "memory://"
 
 
 def event_storage(value: EventStorage | str | None) -> EventStorage | None:

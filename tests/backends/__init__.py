@@ -15,5 +15,5 @@ test is adding its name below.
 
 from __future__ import annotations
 
-QUEUE_BACKENDS = ["memory", "sqlite"]
-RESULT_BACKENDS = ["memory", "sqlite"]
+QUEUE_BACKENDS = ["memory", "sqlite", "redis", "postgres", "file", "file_memory", "s3", "nats"]
+RESULT_BACKENDS = ["memory", "sqlite", "redis", "postgres", "file", "file_memory", "s3", "nats"]

@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING, Any
 from .base import TaskQueue
 
 if TYPE_CHECKING:
+    from .file import FileTaskQueue
     from .memory import MemoryTaskQueue
+    from .nats import NATSTaskQueue
+    from .postgres import PostgreSQLTaskQueue
+    from .redis import RedisTaskQueue
     from .sqlite import SQLiteTaskQueue
 
 __all__ = [
@@ -22,13 +26,15 @@ __all__ = [
     "TaskQueue",
 ]
 
-_BUILT = {"MemoryTaskQueue": ".memory", "SQLiteTaskQueue": ".sqlite"}
-_PLANNED = {
-    "FileTaskQueue": "files over fsspec",
-    "PostgreSQLTaskQueue": "PostgreSQL",
-    "RedisTaskQueue": "Redis",
-    "NATSTaskQueue": "NATS JetStream",
+_BUILT = {
+    "FileTaskQueue": ".file",
+    "MemoryTaskQueue": ".memory",
+    "NATSTaskQueue": ".nats",
+    "PostgreSQLTaskQueue": ".postgres",
+    "RedisTaskQueue": ".redis",
+    "SQLiteTaskQueue": ".sqlite",
 }
+_PLANNED: dict[str, str] = {}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@ a fresh store; ratios are to the engine's floor measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+ALL_BACKENDS = ["memory", "sqlite", "file", "redis", "postgres", "nats"]
 
 #: Worker settings tried for D; the best is reported with its setting.
 DRAIN_SETTINGS = [("async", 8), ("async", 16), ("thread", 8)]
@@ -78,17 +81,58 @@ class Backend:
     floor_target: Callable[[], str] = lambda: ""
 
 
-def backends(workdir: Path) -> dict[str, Backend]:
+def backends(workdir: Path, servers: contextlib.ExitStack) -> dict[str, Callable[[], Backend]]:
+    """Each backend's recipe; calling one starts its server (as the test suite does)."""
     counter = iter(range(1_000_000))
 
-    def sqlite_url() -> str:
-        return f"sqlite:///{workdir}/bench-{next(counter)}.db"
+    def fresh(name: str) -> str:
+        return f"{name}{next(counter)}"
+
+    def redis() -> Backend:
+        from tests.servers.redis import start_redis_server
+
+        server = start_redis_server(workdir / "redis")
+        servers.callback(server.stop)
+        return Backend(
+            "redis", "redis", lambda: f"{server.url}?prefix={fresh('b')}", lambda: server.url
+        )
+
+    def postgres() -> Backend:
+        from tests.servers.postgres import discard, launch
+
+        server = launch()
+        servers.callback(discard, server)
+        dsn = server.dsn()
+        return Backend(
+            "postgres", "postgres", lambda: f"{dsn}?schema={fresh('bench')}", lambda: dsn
+        )
+
+    def nats() -> Backend:
+        from tests.servers.nats import start_nats_server
+
+        server = start_nats_server(workdir / "nats")
+        servers.callback(server.stop)
+        return Backend(
+            "nats", "nats", lambda: f"{server.url}?stream={fresh('B')}", lambda: server.url
+        )
 
     return {
-        "memory": Backend("memory", "memory", lambda: "memory://"),
-        "sqlite": Backend(
-            "sqlite", "sqlite", sqlite_url, lambda: f"{workdir}/floor-{next(counter)}.db"
+        "memory": lambda: Backend("memory", "memory", lambda: "memory://"),
+        "sqlite": lambda: Backend(
+            "sqlite",
+            "sqlite",
+            lambda: f"sqlite:///{workdir}/{fresh('bench')}.db",
+            lambda: f"{workdir}/{fresh('floor')}.db",
         ),
+        "file": lambda: Backend(
+            "file",
+            "file",
+            lambda: f"file://{workdir}/{fresh('files')}",
+            lambda: f"{workdir}/{fresh('floorfiles')}",
+        ),
+        "redis": redis,
+        "postgres": postgres,
+        "nats": nats,
     }
 
 
@@ -163,11 +207,11 @@ def describe_machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer tasks and runs (< 3 min)")
-    parser.add_argument("--backends", default="memory,sqlite", help="comma list")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list")
     parser.add_argument("--peers", action="store_true", help="also run the peer queues")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3)")
     args = parser.parse_args()
-    args.runs = args.runs or 3
+    args.runs = args.runs or (1 if args.quick else 3)
     args.count = 5_000 if args.quick else 20_000
     args.samples = 100 if args.quick else 300
     args.idle = 3.0 if args.quick else 15.0
@@ -176,16 +220,23 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="omniq-bench-"))
+    sys.path.insert(0, str(ROOT))  # tests.servers: the servers start as the tests start them
     try:
-        known = backends(workdir)
-        results = {}
-        for name in args.backends.split(","):
-            results[name] = measure(known[name], args, log)
-        peer_results = {}
-        if args.peers:
-            from .peers import run_peers
+        with contextlib.ExitStack() as servers:
+            known = backends(workdir, servers)
+            results = {}
+            for name in args.backends.split(","):
+                try:
+                    backend = known[name]()
+                except BaseException as exc:  # pytest's skip outside pytest, or a start failure
+                    log(f"{name}: skipped, its server did not start: {exc}")
+                    continue
+                results[name] = measure(backend, args, log)
+            peer_results = {}
+            if args.peers:
+                from .peers import run_peers
 
-            peer_results = run_peers(args, workdir, log)
+                peer_results = run_peers(args, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nOmniQ benchmark: {args.count:,} tasks, {args.runs} runs, {describe_machine()}\n")

@@ -82,6 +82,17 @@ class _Base:
     def serializer(self) -> Serializer:
         return self.task_queue.serializer
 
+    def build_task(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> Task:
+        """The ``Task`` that ``enqueue(func, *args, **options)`` would store, without storing it.
+
+        For integrations that store tasks themselves (e.g. enqueue inside the
+        application's own database transaction).
+        """
+        task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
+        func_kwargs = {k: v for k, v in options.items() if k not in _ENQUEUE_OPTIONS}
+        kwargs = _split_options(func_kwargs.pop("kwargs", None), func_kwargs)
+        return self._build_task(func, args, kwargs, **task_options)
+
     def _build_task(
         self,
         func: Callable[..., Any] | str,
@@ -379,12 +390,7 @@ class OmniQ:
         queue = self._async.task_queue
         if not queue.supports_blocking_put:
             return self._bridge.run(self._async.enqueue(func, *args, **options))
-        task_options: dict[str, Any] = {}
-        if options:
-            func_kwargs = {k: v for k, v in options.items() if k not in _ENQUEUE_OPTIONS}
-            task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
-            options = _split_options(func_kwargs.pop("kwargs", None), func_kwargs)
-        task = self._async._build_task(func, args, options, **task_options)
+        task = self._async.build_task(func, *args, **options)
         self._bind_events()
         if queue.enqueue_blocking([task])[0]:
             self._async._emit(EventType.ENQUEUED, task)
@@ -403,6 +409,10 @@ class OmniQ:
             if new:
                 self._async._emit(EventType.ENQUEUED, task)
         return [task.id for task in tasks]
+
+    def build_task(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> Task:
+        """The task ``enqueue`` would store, not stored; see :meth:`AsyncOmniQ.build_task`."""
+        return self._async.build_task(func, *args, **options)
 
     def get_result(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for the task's result; see :meth:`AsyncOmniQ.get_result`."""

@@ -2,8 +2,6 @@
 
 * Names: every state of a task is one file or object whose *name* carries the fields
   the queue orders on, in fixed-width hex, so that a sorted listing is delivery order.
-* ``Bell``: a local directory's wake-ups (the SQLite backend's doorbell file, watched
-  with inotify), shared by every instance on that directory in the process.
 * ``Store``: an fsspec filesystem as six awaitable operations, opened only after
   checking that the filesystem can give exclusive claims at all (``EXCLUSIVE``).
 * ``ObjectQueue``: the queue protocol on object stores (S3, GCS, Azure) and fsspec's
@@ -20,7 +18,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
@@ -97,87 +94,13 @@ class _Sequence:
 next_seq = _Sequence()
 
 
-# -- local doorbells -------------------------------------------------------------------
-
-
-class Bell:
-    """Wake-ups for one local directory: in this process directly, across processes by
-    a doorbell file that waiters watch with inotify (``omniq._sqlite``'s watcher).
-
-    Shared by every user in the process (``acquire_bell``); the last ``release`` stops
-    the watcher thread and closes the doorbell.
-    """
-
-    def __init__(self, doorbell: Path) -> None:
-        self.doorbell = doorbell
-        self.pid = os.getpid()
-        self.users = 0
-        self.wakeup = Wakeup()
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._watcher: Any = None
-
-    def ring(self) -> None:
-        """Wake waiters here and in every other process watching the doorbell."""
-        self.wakeup.notify()
-        fd = self._fd
-        if fd is None:
-            with self._lock:
-                if self._fd is None:
-                    self.doorbell.parent.mkdir(parents=True, exist_ok=True)
-                    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-                    self._fd = os.open(self.doorbell, flags, 0o644)
-                fd = self._fd
-        os.pwrite(fd, b"\0", 0)
-
-    async def wait(self, timeout: float, since: int) -> None:
-        if self._watcher is None:
-            from ._sqlite import _Watcher
-
-            with self._lock:
-                if self._watcher is None:
-                    self._watcher = _Watcher(self.doorbell, self.wakeup)
-                    # A ring from another process may have come before the watch
-                    # existed: make every waiter look once more.
-                    self.wakeup.notify()
-        await self.wakeup.wait(timeout, since)
-
-    def release(self) -> None:
-        with _bells_lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-            if _bells.get(self.doorbell) is self:
-                del _bells[self.doorbell]
-        with self._lock:
-            fd, self._fd = self._fd, None
-            watcher, self._watcher = self._watcher, None
-        if fd is not None:
-            os.close(fd)
-        if watcher is not None:
-            watcher.stop()
-
-
-_bells: dict[Path, Bell] = {}
-_bells_lock = threading.Lock()
-
-
-def acquire_bell(doorbell: Path) -> Bell:
-    """The process-wide ``Bell`` of a doorbell file; pair with ``release()``."""
-    with _bells_lock:
-        found = _bells.get(doorbell)
-        if found is None or found.pid != os.getpid():
-            found = _bells[doorbell] = Bell(doorbell)
-        found.users += 1
-        return found
-
-
+_shared_lock = threading.Lock()
 _wakeups: dict[tuple[str, str], Wakeup] = {}
 
 
 def shared_wakeup(protocol: str, root: str) -> Wakeup:
     """One in-process ``Wakeup`` per remote location, shared by its instances."""
-    with _bells_lock:
+    with _shared_lock:
         return _wakeups.setdefault((protocol, root), Wakeup())
 
 
@@ -185,7 +108,7 @@ _taken: dict[tuple[str, str], set[str]] = {}
 
 
 def _taken_markers(protocol: str, root: str) -> set[str]:
-    with _bells_lock:
+    with _shared_lock:
         return _taken.setdefault((protocol, root), set())
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import _fs
+from .. import _doorbell, _fs
 from .._fs import dec, enc, enc_id, key_time, next_seq, prio_key, time_key
 from .._task import TaskStatus
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
@@ -111,7 +111,7 @@ class LocalQueue:
         self.max_poll_seconds = max_poll_seconds
         self.ids = os.path.join(base, "ids")
         self.errors = os.path.join(base, "errors")
-        self.bell = _fs.acquire_bell(Path(base) / ".doorbell")
+        self.bell = _doorbell.acquire(Path(base) / ".doorbell")
         self._shared = _shared_state(base)
         self._held: dict[str, tuple[str, str]] = {}  # id → (leased dir, name)
         self._qdirs: dict[tuple[str, str], str] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import _postgres
@@ -347,19 +346,9 @@ async def enqueue_in_transaction(
     omniq: AsyncOmniQ | OmniQ,
     func: Callable[..., Any] | str,
     *args: Any,
-    queue_name: str = "default",
-    priority: int = 0,
-    eta: datetime | float | None = None,
-    delay: timedelta | float | None = None,
-    ttl: timedelta | float | None = None,
-    max_retries: int | None = None,
-    timeout: float | None = None,
-    result_ttl: float | None = None,
-    task_id: str | None = None,
-    kwargs: dict[str, Any] | None = None,
-    **func_kwargs: Any,
+    **options: Any,
 ) -> str:
-    """``omniq.enqueue(func, *args, ...)`` inside the application's own transaction.
+    """``omniq.enqueue(func, *args, **options)`` inside the application's own transaction.
 
     ``connection`` is an asyncpg connection with a transaction open (or a
     SQLAlchemy ``AsyncConnection`` on the asyncpg dialect). The task becomes
@@ -368,7 +357,7 @@ async def enqueue_in_transaction(
     on the same database. Returns the task id. No ``enqueued`` event is
     recorded, since the transaction may yet roll back.
     """
-    from .._client import OmniQ, _split_options
+    from .._client import OmniQ
 
     client = omniq._async if isinstance(omniq, OmniQ) else omniq
     queue = client.task_queue
@@ -377,9 +366,5 @@ async def enqueue_in_transaction(
             "enqueue_in_transaction needs an OmniQ whose task queue is a PostgreSQLTaskQueue, "
             f"not {type(queue).__name__}"
         )
-    task = client._build_task(
-        func, args, _split_options(kwargs, func_kwargs),
-        queue_name=queue_name, priority=priority, eta=eta, delay=delay, ttl=ttl,
-        max_retries=max_retries, timeout=timeout, result_ttl=result_ttl, task_id=task_id,
-    )  # fmt: skip
+    task = client.build_task(func, *args, **options)
     return await queue.enqueue(task, connection=connection)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .. import _fs
+from .. import _doorbell, _fs
 from .._fs import enc_id, time_key
 from .base import ResultStorage, TaskResult
 
@@ -59,7 +59,7 @@ class FileResultStorage(ResultStorage):
         self.is_local = path is not None
         self.storage_options = dict(storage_options or {})
         self._lock = threading.Lock()
-        self._bell: _fs.Bell | None = None
+        self._bell: _doorbell.Doorbell | None = None
         self._store: _fs.Store | None = None
         self._root = ""
         self._next_prune = 0.0
@@ -72,11 +72,11 @@ class FileResultStorage(ResultStorage):
     def _dir(self) -> str:
         return os.path.join(self.base_dir, "results")
 
-    def _local_bell(self) -> _fs.Bell:
+    def _local_bell(self) -> _doorbell.Doorbell:
         with self._lock:
             if self._bell is None:
                 os.makedirs(os.path.join(self._dir(), ".tmp"), exist_ok=True)
-                self._bell = _fs.acquire_bell(Path(self._dir()) / ".doorbell")
+                self._bell = _doorbell.acquire(Path(self._dir()) / ".doorbell")
             return self._bell
 
     def _remote(self) -> _fs.Store:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .._events import Event, EventType
 
@@ -48,3 +48,19 @@ class EventStorage(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def event_from_row(row: Iterable[Any]) -> Event:
+    """An ``Event`` from a SQL row ``(task_id, type, at, queue_name, func, attempts,
+    worker, detail)``; NULL columns (rows written by other tools) read as the defaults."""
+    task_id, type, at, queue_name, func, attempts, worker, detail = row
+    return Event(
+        task_id=task_id,
+        type=EventType(type),
+        at=at,
+        queue_name="default" if queue_name is None else queue_name,
+        func="" if func is None else func,
+        attempts=0 if attempts is None else attempts,
+        worker=worker,
+        detail=detail,
+    )

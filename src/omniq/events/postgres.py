@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _postgres
 from .._events import Event, EventType
-from .base import EventStorage
+from .base import EventStorage, event_from_row
 
 #: Pruning is a range delete on the ``at`` index; once a minute keeps it off the append path.
 PRUNE_INTERVAL_SECONDS = 60.0
@@ -101,22 +101,7 @@ class PostgreSQLEventStorage(EventStorage):
             params.append(max(limit, 0))
             sql += f" LIMIT ${len(params)}"
         records = await self._db.run(lambda conn: conn.fetch(sql, *params))
-        return [_event(record) for record in records]
+        return [event_from_row(record) for record in records]
 
     async def close(self) -> None:
         await self._db.close()
-
-
-def _event(record: Any) -> Event:
-    task_id, type, at, queue_name, func, attempts, worker, detail = record
-    # The columns are nullable for rows written by other tools; NULL means the default.
-    return Event(
-        task_id=task_id,
-        type=EventType(type),
-        at=at,
-        queue_name="default" if queue_name is None else queue_name,
-        func="" if func is None else func,
-        attempts=0 if attempts is None else attempts,
-        worker=worker,
-        detail=detail,
-    )

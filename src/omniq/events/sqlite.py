@@ -13,7 +13,7 @@ from typing import Any
 from .._events import Event, EventType
 from .._sqlite import SQLiteFile, acquire
 from .._urls import sqlite_path_from_url
-from .base import EventStorage
+from .base import EventStorage, event_from_row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS omniq_events (
@@ -127,7 +127,7 @@ class SQLiteEventStorage(EventStorage):
             sql += " LIMIT ?"
             params.append(max(limit, 0))
         rows = await asyncio.to_thread(self._select, self._acquired(), sql, params)
-        return [_event(row) for row in rows]
+        return [event_from_row(row) for row in rows]
 
     async def close(self) -> None:
         with self._lock:
@@ -158,18 +158,3 @@ class SQLiteEventStorage(EventStorage):
         file.ensure_schema("omniq_events", _SCHEMA)
         rows: list[_Row] = file.connection().execute(sql, params).fetchall()
         return rows
-
-
-def _event(row: _Row) -> Event:
-    task_id, type, at, queue_name, func, attempts, worker, detail = row
-    # The columns are nullable for rows written by other tools; NULL means the default.
-    return Event(
-        task_id=task_id,
-        type=EventType(type),
-        at=at,
-        queue_name="default" if queue_name is None else queue_name,
-        func="" if func is None else func,
-        attempts=0 if attempts is None else attempts,
-        worker=worker,
-        detail=detail,
-    )

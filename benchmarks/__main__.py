@@ -225,6 +225,8 @@ def main() -> None:
         with contextlib.ExitStack() as servers:
             known = backends(workdir, servers)
             results = {}
+            #: Each measured engine's base: a server URL, or "" for an embedded engine.
+            engines: dict[str, str] = {}
             for name in args.backends.split(","):
                 try:
                     backend = known[name]()
@@ -232,11 +234,13 @@ def main() -> None:
                     log(f"{name}: skipped, its server did not start: {exc}")
                     continue
                 results[name] = measure(backend, args, log)
+                server = name in ("redis", "postgres", "nats")
+                engines[backend.floor_engine] = backend.floor_target() if server else ""
             peer_results = {}
             if args.peers:
                 from .peers import run_peers
 
-                peer_results = run_peers(args, workdir, log)
+                peer_results = run_peers(args, workdir, engines, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nOmniQ benchmark: {args.count:,} tasks, {args.runs} runs, {describe_machine()}\n")

@@ -1,7 +1,10 @@
 """Peers: the same workload on established task queues, each in its own virtualenv.
 
 A peer is a module here, run inside its virtualenv, whose ``main()`` takes
-``KIND ENGINE TARGET --count N`` like ``benchmarks.workload`` and prints JSON, plus
+``KIND ENGINE TARGET --count N --samples N --name NAME`` (TARGET: a path for SQLite
+and files, the server's URL for a server engine; NAME: this measurement's own queue
+or key prefix) like ``benchmarks.workload`` and prints JSON (``_common`` has the
+shared parts), plus
 an entry in ``PEERS``: its name, what its virtualenv installs and the engines it
 runs on (each compared with OmniQ on that engine).
 Virtualenvs live in ``.bench/venvs/<peer>`` and are created on first use.
@@ -28,7 +31,19 @@ class Peer:
     engines: list[str]
 
 
-PEERS = {"huey_peer": Peer("Huey", ["huey"], ["sqlite", "file"])}
+#: In the order of the table. D settings: Huey one consumer, 8 threads; RQ one
+#: ``SimpleWorker``; Dramatiq one process, 8 threads; taskiq one worker process, async;
+#: arq one worker, ``max_jobs`` 100, ``poll_delay`` 10 ms; procrastinate one worker,
+#: concurrency 8; pgqueuer one ``PgQueuer.run()``, batch 10 (see each module).
+PEERS = {
+    "huey_peer": Peer("Huey", ["huey", "redis"], ["redis", "sqlite", "file"]),
+    "rq_peer": Peer("RQ", ["rq"], ["redis"]),
+    "dramatiq_peer": Peer("Dramatiq", ["dramatiq[redis]"], ["redis"]),
+    "taskiq_peer": Peer("taskiq", ["taskiq", "taskiq-redis", "taskiq-nats"], ["redis", "nats"]),
+    "arq_peer": Peer("arq", ["arq"], ["redis"]),
+    "procrastinate_peer": Peer("procrastinate", ["procrastinate"], ["postgres"]),
+    "pgqueuer_peer": Peer("pgqueuer", ["pgqueuer", "asyncpg"], ["postgres"]),
+}
 
 
 def venv_python(peer: str, packages: list[str], log: Callable[[str], None]) -> str:
@@ -49,30 +64,38 @@ def venv_python(peer: str, packages: list[str], log: Callable[[str], None]) -> s
 
 
 def run_peers(
-    args: argparse.Namespace, workdir: Path, log: Callable[[str], None]
+    args: argparse.Namespace, workdir: Path, engines: dict[str, str], log: Callable[[str], None]
 ) -> dict[str, Any]:
+    """Each peer on each of its engines that OmniQ was measured on in this run.
+
+    ``engines`` maps an engine to its server's URL (``""`` for SQLite and files).
+    Every measurement gets its own queue / key prefix (``--name``), or its own path.
+    """
     from .. import __main__ as bench
 
     results: dict[str, Any] = {}
     for peer, spec in PEERS.items():
+        wanted = [engine for engine in spec.engines if engine in engines]
+        if not wanted:
+            continue
         python = venv_python(peer, spec.packages, log)
-        for engine in spec.engines:
+        for engine in wanted:
             figures = bench.Figures()
             for run in range(args.runs):
                 log(f"{spec.name} on {engine}: run {run + 1}/{args.runs}")
-                target = str(workdir / f"{peer}-{engine}-{run}")
-                for kind in ("E", "D"):
+                for kind in ("E", "D", "L"):
+                    name = f"{peer}-{engine}-{run}-{kind}"
+                    target = engines[engine] or str(workdir / name)
+                    sizes = ["--samples", str(args.samples)] if kind == "L" else []
                     out = bench.child(
-                        f"{__name__}.{peer}", kind, engine, f"{target}-{kind}",
-                        "--count", str(args.count), python=python,
+                        f"{__name__}.{peer}", kind, engine, target, "--name", name,
+                        "--count", str(args.count), *sizes, python=python,
                     )  # fmt: skip
-                    figures.add(kind, out["rate"])
-                latency = bench.child(
-                    f"{__name__}.{peer}", "L", engine, f"{target}-L",
-                    "--samples", str(args.samples), python=python,
-                )  # fmt: skip
-                figures.add("p50", latency["p50_ms"])
-                figures.add("p99", latency["p99_ms"])
+                    if kind == "L":
+                        figures.add("p50", out["p50_ms"])
+                        figures.add("p99", out["p99_ms"])
+                    else:
+                        figures.add(kind, out["rate"])
             results[f"{spec.name} ({engine})"] = (engine, figures)
     return results
 

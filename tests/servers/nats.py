@@ -14,18 +14,14 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sysconfig
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ._common import free_port, unavailable
-
-START_TIMEOUT = 30.0
+from ._common import ServerProcess, unavailable
 
 
 def find_nats_server() -> str | None:
@@ -52,56 +48,23 @@ def _jetstream_ready(port: int) -> bool:
     return bool(info.get("jetstream"))
 
 
-class NATSServer:
-    """One nats-server process; ``restart()`` keeps its port and store directory."""
+class NATSServer(ServerProcess):
+    """One nats-server process with JetStream (file storage)."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+    name = "nats-server"
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [
+    def command(self) -> list[str]:
+        return [
             self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port),
-            "-sd", str(self.directory / "store"), "-l", str(self.directory / "nats.log"),
+            "-sd", str(self.directory / "store"), "-l", str(self.log),
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _jetstream_ready(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nats-server did not start: {self._log_tail()}")
-            time.sleep(0.02)  # a readiness probe, not test synchronisation
 
-    def stop(self, *, kill: bool = False) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if kill:
-            process.kill()
-        else:
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self.start()
-
-    def _log_tail(self) -> str:
-        log = self.directory / "nats.log"
-        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    def ready(self) -> bool:
+        return _jetstream_ready(self.port)
 
 
 def start_nats_server(directory: Path) -> NATSServer:

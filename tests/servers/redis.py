@@ -11,16 +11,12 @@ import importlib.util
 import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from ._common import free_port, unavailable
-
-START_TIMEOUT = 30.0
+from ._common import ServerProcess, unavailable
 
 
 def find_redis_server() -> str | None:
@@ -48,25 +44,23 @@ def _answers_ping(port: int) -> bool:
     return reply.startswith((b"+PONG", b"-NOAUTH"))
 
 
-class RedisServer:
-    """One redis-server process; ``restart()`` keeps its port and data directory."""
+class RedisServer(ServerProcess):
+    """One redis-server process; AOF with fsync on every write when ``appendonly``."""
+
+    name = "redis-server"
 
     def __init__(
         self, binary: str, directory: Path, *, appendonly: bool, extra: Sequence[str] = ()
     ) -> None:
-        self.binary = binary
-        self.directory = directory
+        super().__init__(binary, directory)
         self.appendonly = appendonly
         self.extra = list(extra)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         durability = (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if self.appendonly
@@ -77,43 +71,14 @@ class RedisServer:
             "bind": "127.0.0.1",
             "dir": str(self.directory),
             "save": "",
-            "logfile": str(self.directory / "redis.log"),
+            "logfile": str(self.log),
             "daemonize": "no",
         }
         arguments = [item for name, value in options.items() for item in (f"--{name}", value)]
-        self.process = subprocess.Popen(
-            [self.binary, *arguments, *durability, *self.extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers_ping(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start: {self._log_tail()}")
-            time.sleep(0.02)  # a readiness probe, not test synchronisation
+        return [self.binary, *arguments, *durability, *self.extra]
 
-    def stop(self, *, kill: bool = False) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if kill:
-            process.kill()
-        else:
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.stop(kill=kill)
-        self.start()
-
-    def _log_tail(self) -> str:
-        log = self.directory / "redis.log"
-        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    def ready(self) -> bool:
+        return _answers_ping(self.port)
 
 
 def start_redis_server(

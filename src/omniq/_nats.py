@@ -521,6 +521,21 @@ class Link:
                 return  # connected all along: the answer is lost, not late
             await self.until_up(max(0.0, deadline - time.monotonic()))
 
+    async def ensure_stream(self, config: dict[str, Any], what: str) -> dict[str, Any] | None:
+        """Create the stream ``config`` names unless it exists; its existing config, or
+        None when this call (or a racing one) created it. ``what`` names it in errors."""
+        name = config["name"]
+        answer = await self.api(f"STREAM.INFO.{name}", check=False)
+        if "error" not in answer:
+            found: dict[str, Any] = answer["config"]
+            return found
+        if answer["error"].get("err_code") != STREAM_NOT_FOUND:
+            raise JetStreamError(what, answer["error"])
+        answer = await self.api(f"STREAM.CREATE.{name}", config, check=False)
+        if "error" in answer and "already in use" not in str(answer["error"]):
+            raise JetStreamError(f"creating {what}", answer["error"])
+        return None
+
     async def api(
         self, subject: str, body: dict[str, Any] | None = None, *, check: bool = True
     ) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import msgspec
 from .._errors import ConfigurationError
 from .._events import Event, EventType
 from .._nats import (
-    STREAM_NOT_FOUND,
     Connector,
     JetStreamError,
     Link,
@@ -97,15 +96,9 @@ class NATSEventStorage(EventStorage):
             "max_msgs": self.max_msgs or -1,
             "max_bytes": self.max_bytes or -1,
         }
-        answer = await link.api(f"STREAM.INFO.{self.stream}", check=False)
-        if "error" in answer:
-            if answer["error"].get("err_code") != STREAM_NOT_FOUND:
-                raise JetStreamError(f"stream {self.stream}", answer["error"])
-            answer = await link.api(f"STREAM.CREATE.{self.stream}", config, check=False)
-            if "error" in answer and "already in use" not in str(answer["error"]):
-                raise JetStreamError(f"creating stream {self.stream}", answer["error"])
+        found = await link.ensure_stream(config, f"stream {self.stream}")
+        if found is None:
             return
-        found = answer["config"]
         if any(found.get(k) != config[k] for k in ("max_age", "max_msgs", "max_bytes")):
             # The retention asked for now wins: it is this deployment's setting.
             await link.api(f"STREAM.UPDATE.{self.stream}", {**found, **config})

@@ -52,7 +52,6 @@ from .._errors import ConfigurationError
 from .._nats import (
     CONSUMER_EXISTS,
     NO_MESSAGE_FOUND,
-    STREAM_NOT_FOUND,
     Connector,
     JetStreamError,
     Link,
@@ -390,15 +389,9 @@ class NATSTaskQueue(TaskQueue):
             "allow_msg_schedules": True,
             "duplicate_window": int(self.duplicate_window * _NS),
         }
-        answer = await link.api(f"STREAM.INFO.{self.stream}", check=False)
-        if "error" in answer:
-            if answer["error"].get("err_code") != STREAM_NOT_FOUND:
-                raise JetStreamError(f"stream {self.stream}", answer["error"])
-            answer = await link.api(f"STREAM.CREATE.{self.stream}", config, check=False)
-            if "error" in answer and "already in use" not in str(answer["error"]):
-                raise JetStreamError(f"creating stream {self.stream}", answer["error"])
+        found = await link.ensure_stream(config, f"stream {self.stream}")
+        if found is None:
             return
-        found = answer["config"]
         wrong = [
             key
             for key in ("retention", "max_msgs_per_subject", "allow_msg_schedules", "allow_direct")

@@ -12,7 +12,6 @@ import msgspec
 
 from .._errors import ConfigurationError
 from .._nats import (
-    STREAM_NOT_FOUND,
     Connector,
     JetStreamError,
     Link,
@@ -101,11 +100,6 @@ class NATSResultStorage(ResultStorage):
         return f"$KV.{self.bucket}.{token(task_id)}"
 
     async def _ensure_bucket(self, link: Link) -> None:
-        answer = await link.api(f"STREAM.INFO.{self._stream}", check=False)
-        if "error" not in answer:
-            return
-        if answer["error"].get("err_code") != STREAM_NOT_FOUND:
-            raise JetStreamError(f"bucket {self.bucket}", answer["error"])
         config = {
             "name": self._stream,
             "subjects": [f"$KV.{self.bucket}.>"],
@@ -120,9 +114,7 @@ class NATSResultStorage(ResultStorage):
             "allow_msg_ttl": True,
             "duplicate_window": 120 * _NS,
         }
-        answer = await link.api(f"STREAM.CREATE.{self._stream}", config, check=False)
-        if "error" in answer and "already in use" not in str(answer["error"]):
-            raise JetStreamError(f"creating bucket {self.bucket}", answer["error"])
+        await link.ensure_stream(config, f"bucket {self.bucket}")
 
     # -- the contract -----------------------------------------------------------------------
     async def set_many(self, results: Sequence[tuple[TaskResult, float | None]]) -> None:

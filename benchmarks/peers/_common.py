@@ -13,6 +13,7 @@ over UDP to the producer, which sends the next probe when it has the last one's
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 RATE_FILE = "BENCH_RATE_FILE"
@@ -166,6 +167,42 @@ def udp_latency(sock, samples: int, send: Callable[[float], object]) -> dict[str
     values = [one() for _ in range(samples)]
     sock.close()
     return percentiles(values)
+
+
+async def drive(
+    args: argparse.Namespace,
+    enqueue_noop: Callable[[], Awaitable[object]],
+    enqueue_since: Callable[[float], Awaitable[object]],
+    worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
+) -> None:
+    """E, D or L (``args.kind``) for a peer whose client is async; prints the result.
+
+    ``enqueue_since(sent)`` enqueues the latency probe task; ``worker(env)`` starts
+    the peer's worker process with ``env``.
+    """
+    loop = asyncio.get_running_loop()
+    if args.kind == "E":
+        start = loop.time()
+        for _ in range(args.count):
+            await enqueue_noop()
+        emit({"rate": args.count / (loop.time() - start)})
+    elif args.kind == "D":
+        for _ in range(args.count):
+            await enqueue_noop()
+        env, rate_file = consumer_env(args.count)
+        proc = worker(env)
+        emit({"rate": await asyncio.to_thread(wait_rate, proc, rate_file)})
+    else:
+        sock = probe_socket()
+        proc = worker(dict(os.environ))
+        try:
+
+            def send(sent: float) -> object:
+                return asyncio.run_coroutine_threadsafe(enqueue_since(sent), loop).result()  # type: ignore[arg-type]
+
+            emit(await asyncio.to_thread(udp_latency, sock, args.samples, send))
+        finally:
+            stop(proc)
 
 
 # -- a fresh PostgreSQL database per measurement --------------------------------------

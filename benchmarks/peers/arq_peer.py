@@ -46,31 +46,13 @@ def worker(env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 async def produce(args) -> None:  # type: ignore[no-untyped-def]
     pool = await create_pool(RedisSettings.from_dsn(args.target), default_queue_name=args.name)
-    loop = asyncio.get_running_loop()
     try:
-        if args.kind == "E":
-            start = loop.time()
-            for _ in range(args.count):
-                await pool.enqueue_job("noop")
-            _common.emit({"rate": args.count / (loop.time() - start)})
-        elif args.kind == "D":
-            for _ in range(args.count):
-                await pool.enqueue_job("noop")
-            env, rate_file = _common.consumer_env(args.count)
-            proc = worker(env)
-            rate = await asyncio.to_thread(_common.wait_rate, proc, rate_file)
-            _common.emit({"rate": rate})
-        else:
-            sock = _common.probe_socket()
-            proc = worker(dict(os.environ))
-            try:
-                send = lambda sent: asyncio.run_coroutine_threadsafe(  # noqa: E731
-                    pool.enqueue_job("since", sent), loop
-                ).result()
-                latency = _common.udp_latency
-                _common.emit(await asyncio.to_thread(latency, sock, args.samples, send))
-            finally:
-                _common.stop(proc)
+        await _common.drive(
+            args,
+            lambda: pool.enqueue_job("noop"),
+            lambda sent: pool.enqueue_job("since", sent),
+            worker,
+        )
     finally:
         await pool.aclose()
 

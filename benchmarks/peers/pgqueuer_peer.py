@@ -53,31 +53,13 @@ async def produce(args) -> None:  # type: ignore[no-untyped-def]
     conn = await asyncpg.connect(os.environ[_common.TARGET])
     queries = Queries(AsyncpgDriver(conn))
     await queries.install()
-    loop = asyncio.get_running_loop()
     try:
-        if args.kind == "E":
-            start = loop.time()
-            for _ in range(args.count):
-                await queries.enqueue("noop", None)
-            _common.emit({"rate": args.count / (loop.time() - start)})
-        elif args.kind == "D":
-            for _ in range(args.count):
-                await queries.enqueue("noop", None)
-            env, rate_file = _common.consumer_env(args.count)
-            proc = worker(env)
-            rate = await asyncio.to_thread(_common.wait_rate, proc, rate_file)
-            _common.emit({"rate": rate})
-        else:
-            sock = _common.probe_socket()
-            proc = worker(dict(os.environ))
-            try:
-                send = lambda sent: asyncio.run_coroutine_threadsafe(  # noqa: E731
-                    queries.enqueue("since", repr(sent).encode()), loop
-                ).result()
-                latency = _common.udp_latency
-                _common.emit(await asyncio.to_thread(latency, sock, args.samples, send))
-            finally:
-                _common.stop(proc)
+        await _common.drive(
+            args,
+            lambda: queries.enqueue("noop", None),
+            lambda sent: queries.enqueue("since", repr(sent).encode()),
+            worker,
+        )
     finally:
         await conn.close()
 

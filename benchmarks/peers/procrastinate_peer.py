@@ -43,32 +43,11 @@ def worker(env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 
 async def produce(module, args) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
     async with module.app.open_async():
         await module.app.schema_manager.apply_schema_async()
-        if args.kind == "E":
-            start = loop.time()
-            for _ in range(args.count):
-                await module.noop.defer_async()
-            _common.emit({"rate": args.count / (loop.time() - start)})
-        elif args.kind == "D":
-            for _ in range(args.count):
-                await module.noop.defer_async()
-            env, rate_file = _common.consumer_env(args.count)
-            proc = worker(env)
-            rate = await asyncio.to_thread(_common.wait_rate, proc, rate_file)
-            _common.emit({"rate": rate})
-        else:
-            sock = _common.probe_socket()
-            proc = worker(dict(os.environ))
-            try:
-                send = lambda sent: asyncio.run_coroutine_threadsafe(  # noqa: E731
-                    module.since.defer_async(sent=sent), loop
-                ).result()
-                latency = _common.udp_latency
-                _common.emit(await asyncio.to_thread(latency, sock, args.samples, send))
-            finally:
-                _common.stop(proc)
+        await _common.drive(
+            args, module.noop.defer_async, lambda sent: module.since.defer_async(sent=sent), worker
+        )
 
 
 def main() -> None:

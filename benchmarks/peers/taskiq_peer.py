@@ -56,31 +56,8 @@ def worker(env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 async def produce(app, args) -> None:  # type: ignore[no-untyped-def]
     await app.broker.startup()
-    loop = asyncio.get_running_loop()
     try:
-        if args.kind == "E":
-            start = loop.time()
-            for _ in range(args.count):
-                await app.noop.kiq()
-            _common.emit({"rate": args.count / (loop.time() - start)})
-        elif args.kind == "D":
-            for _ in range(args.count):
-                await app.noop.kiq()
-            env, rate_file = _common.consumer_env(args.count)
-            proc = worker(env)
-            rate = await asyncio.to_thread(_common.wait_rate, proc, rate_file)
-            _common.emit({"rate": rate})
-        else:
-            sock = _common.probe_socket()
-            proc = worker(dict(os.environ))
-            try:
-                send = lambda sent: asyncio.run_coroutine_threadsafe(  # noqa: E731
-                    app.since.kiq(sent), loop
-                ).result()
-                latency = _common.udp_latency
-                _common.emit(await asyncio.to_thread(latency, sock, args.samples, send))
-            finally:
-                _common.stop(proc)
+        await _common.drive(args, app.noop.kiq, app.since.kiq, worker)
     finally:
         await app.broker.shutdown()
 

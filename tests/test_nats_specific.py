@@ -14,8 +14,16 @@ from typing import Any
 
 import pytest
 
-from omniq import AsyncOmniQ, ConfigurationError, MissingDependencyError, OmniQ, TaskStatus
-from omniq._nats import token
+from omniq import (
+    AsyncOmniQ,
+    ConfigurationError,
+    MissingDependencyError,
+    OmniQ,
+    OmniQError,
+    TaskStatus,
+)
+from omniq._nats import Outgoing, nats_settings, token
+from omniq._nats_blocking import BlockingPublisher, ServerRefused
 from omniq.events import Event, EventStorage, EventType
 from omniq.events.nats import NATSEventStorage
 from omniq.queue import NATSTaskQueue
@@ -23,7 +31,7 @@ from omniq.results import TaskResult
 from omniq.results.nats import NATSResultStorage
 from omniq.testing.contract import async_double, echo, make_task
 
-from .servers.nats import NATSServer, delete_streams
+from .servers.nats import NATSServer, delete_streams, start_nats_server
 
 # The event storage contract, on NATS (the module's fixtures are overridden below).
 from .test_event_storages import (  # noqa: F401
@@ -404,3 +412,78 @@ def test_sync_facade_enqueues_from_many_threads(nats_server: str, fresh: Callabl
         for thread in threads:
             thread.join()
         assert omniq.size() == 100 == len(set(ids))
+
+
+# -- the sync facade publishes on a plain socket of the caller's thread -------------------
+def blocking_threads(omniq: OmniQ) -> list[Any]:
+    queue = omniq.task_queue
+    assert isinstance(queue, NATSTaskQueue) and queue._blocking is not None
+    return [thread for thread, _ in queue._blocking._wires]
+
+
+def test_sync_enqueue_skips_the_event_loop_once_the_band_exists(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    import threading
+
+    events = f"{nats_server}?stream={fresh()}"
+    with OmniQ(f"{nats_server}?stream={fresh()}", event_storage=events) as omniq:
+        first = omniq.enqueue(echo, 0)  # creates the stream and the band's consumer
+        assert blocking_threads(omniq) == []
+        second = omniq.enqueue(echo, 1)
+        assert blocking_threads(omniq) == [threading.current_thread()]
+        again = omniq.enqueue(echo, 2, task_id=second)  # idempotent on this path too
+        urgent = omniq.enqueue(echo, 3, priority=5)  # a new band: through the loop again
+        later = omniq.enqueue(echo, 4, priority=5)
+        assert again == second and omniq.size() == 4
+        omniq.worker().run(burst=True)
+        results = [omniq.get_result(t, timeout=DEADLINE) for t in (first, second, urgent, later)]
+        assert results == [0, 1, 3, 4]
+        enqueued = [e for e in omniq.events(task_id=second) if e.type is EventType.ENQUEUED]
+        assert len(enqueued) == 1
+
+
+def test_sync_enqueue_rides_out_a_server_restart(
+    own_nats_server: NATSServer, fresh: Callable[[], str]
+) -> None:
+    with OmniQ(f"{own_nats_server.url}?stream={fresh()}") as omniq:
+        omniq.enqueue(echo, 0)
+        omniq.enqueue(echo, 1)
+        assert blocking_threads(omniq)
+        own_nats_server.restart(kill=True)
+        omniq.enqueue(echo, 2)  # the old socket is dead: a new one, and the publish again
+        omniq.enqueue_many(echo, [(3,), (4,)])
+        assert omniq.size() == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "credentials"),
+    [(("--user", "me", "--pass", "s3cret"), "me:s3cret"), (("--auth", "t0ken"), "t0ken")],
+    ids=["user-password", "token"],
+)
+def test_sync_enqueue_logs_in_like_the_driver(
+    tmp_path: Any, fresh: Callable[[], str], options: tuple[str, ...], credentials: str
+) -> None:
+    server = start_nats_server(tmp_path / "nats", *options)
+    try:
+        with OmniQ(f"nats://{credentials}@127.0.0.1:{server.port}?stream={fresh()}") as omniq:
+            omniq.enqueue(echo, 0)
+            omniq.enqueue(echo, 1)
+            assert blocking_threads(omniq) and omniq.size() == 2
+        wrong = BlockingPublisher(nats_settings(f"nats://nobody:wrong@127.0.0.1:{server.port}"))
+        with pytest.raises(ServerRefused, match=r"[Aa]uthorization"):
+            wrong.publish_many([Outgoing("x.y", b"{}")])
+        wrong.close()
+    finally:
+        server.stop()
+
+
+def test_sync_enqueue_refuses_a_message_over_max_payload(
+    nats_server: str, fresh: Callable[[], str]
+) -> None:
+    with OmniQ(f"{nats_server}?stream={fresh()}") as omniq:
+        omniq.enqueue(echo, 0)
+        with pytest.raises(OmniQError, match="max_payload"):
+            omniq.enqueue(echo, "x" * (2 << 20))
+        omniq.enqueue(echo, 1)  # the connection is still good
+        assert omniq.size() == 2

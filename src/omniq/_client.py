@@ -387,28 +387,29 @@ class OmniQ:
 
     def enqueue(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> str:
         """Enqueue ``func(*args, **kwargs)``; see :meth:`AsyncOmniQ.enqueue`."""
-        queue = self._async.task_queue
-        if not queue.supports_blocking_put:
-            return self._bridge.run(self._async.enqueue(func, *args, **options))
         task = self._async.build_task(func, *args, **options)
-        self._bind_events()
-        if queue.enqueue_blocking([task])[0]:
-            self._async._emit(EventType.ENQUEUED, task)
+        self._store([task])
         return task.id
 
     def enqueue_many(
         self, func: Callable[..., Any] | str, calls: Iterable[Sequence[Any]], **options: Any
     ) -> list[str]:
         """Enqueue ``func(*call)`` for each tuple in ``calls`` in one round trip."""
-        queue = self._async.task_queue
-        if not queue.supports_blocking_put:
-            return self._bridge.run(self._async.enqueue_many(func, calls, **options))
         tasks = self._async._build_tasks(func, calls, **options)
+        self._store(tasks)
+        return [task.id for task in tasks]
+
+    def _store(self, tasks: Sequence[Task]) -> None:
+        """Enqueue in this thread where the backend can (cheaper than a hop to the
+        bridge loop and back), otherwise on the bridge loop."""
+        queue = self._async.task_queue
+        inserted = queue.enqueue_blocking(tasks) if queue.supports_blocking_put else None
+        if inserted is None:
+            inserted = self._bridge.run(queue.enqueue_many(tasks))
         self._bind_events()
-        for task, new in zip(tasks, queue.enqueue_blocking(tasks), strict=False):
+        for task, new in zip(tasks, inserted, strict=False):
             if new:
                 self._async._emit(EventType.ENQUEUED, task)
-        return [task.id for task in tasks]
 
     def build_task(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> Task:
         """The task ``enqueue`` would store, not stored; see :meth:`AsyncOmniQ.build_task`."""

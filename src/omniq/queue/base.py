@@ -82,7 +82,8 @@ class TaskQueue(ABC):
     #: Tasks outlive the process that enqueued them.
     persistent: ClassVar[bool] = True
     #: ``_put_blocking`` is implemented: the sync facade may enqueue in the
-    #: caller's thread (an embedded insert costs less than a thread hop).
+    #: caller's thread (an embedded insert, or one round trip on a blocking
+    #: socket, costs less than a hop to the facade's loop thread and back).
     supports_blocking_put: ClassVar[bool] = False
 
     def __init__(
@@ -109,8 +110,12 @@ class TaskQueue(ABC):
         """Store a batch in one round trip; True for each task that was new."""
         return await self._put([self._new_row(t) for t in tasks])
 
-    def enqueue_blocking(self, tasks: Sequence[Task]) -> list[bool]:
-        """``enqueue_many`` in the caller's thread; only when ``supports_blocking_put``."""
+    def enqueue_blocking(self, tasks: Sequence[Task]) -> list[bool] | None:
+        """``enqueue_many`` in the caller's thread; only when ``supports_blocking_put``.
+
+        None when this call needs the event loop after all (nothing was stored):
+        the caller then awaits ``enqueue_many`` instead.
+        """
         return self._put_blocking([self._new_row(t) for t in tasks])
 
     async def dequeue(
@@ -293,8 +298,9 @@ class TaskQueue(ABC):
         All rows in one round trip; wakes waiting consumers of their queues.
         """
 
-    def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool]:
-        """``_put`` without an event loop, for backends with ``supports_blocking_put``."""
+    def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool] | None:
+        """``_put`` without an event loop, for backends with ``supports_blocking_put``;
+        None, having stored nothing, where this call needs ``_put`` instead."""
         raise NotImplementedError
 
     @abstractmethod

@@ -65,6 +65,7 @@ from .._nats import (
     stream_name,
     token,
 )
+from .._nats_blocking import BlockingPublisher, can_log_in
 from .._task import TaskStatus
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
@@ -269,6 +270,8 @@ class NATSTaskQueue(TaskQueue):
     """
 
     schemes = ("nats",)
+    #: A known band's enqueue is published from the caller's thread (``_put_blocking``).
+    supports_blocking_put = True
 
     def __init__(
         self,
@@ -303,6 +306,10 @@ class NATSTaskQueue(TaskQueue):
         self.duplicate_window = duplicate_window
         self.replicas = replicas
         self._connector = Connector(self.settings, self._setup, self._release_buffers)
+        self._blocking = BlockingPublisher(self.settings) if can_log_in(self.settings) else None
+        #: Bands whose consumer exists (made or seen by ``_ensure_bands``): the sync
+        #: facade's enqueue publishes to those without an event loop.
+        self._bands_made: set[tuple[str, int]] = set()
         #: Running records of the leases this instance handed out, by lease id.
         self._held: dict[str, _Record] = {}
         #: Writes in flight (see ``_fence``).
@@ -430,6 +437,7 @@ class NATSTaskQueue(TaskQueue):
     async def _ensure_bands(self, link: Link, bands: Iterable[tuple[str, int]]) -> None:
         """Producers create a band's consumer before its first task, so waiters see it."""
         state: _State = link.ext
+        bands = set(bands)
         missing = sorted({(q, p) for q, p in bands if f"r~{q}~{p}" not in state.bands})
         infos = await asyncio.gather(
             *(self._create_consumer(link, f"r~{q}~{p}", self._band_config(f"r~{q}~{p}", q, p))
@@ -437,6 +445,7 @@ class NATSTaskQueue(TaskQueue):
         )  # fmt: skip
         for (q, p), info in zip(missing, infos, strict=True):
             await self._add_band(link, f"r~{q}~{p}", q, p, info["config"]["ack_wait"] / _NS)
+        self._bands_made.update(bands)
 
     async def _add_band(
         self, link: Link, name: str, queue: str, priority: int, ack_wait: float
@@ -649,6 +658,20 @@ class NATSTaskQueue(TaskQueue):
         await self._ensure_bands(link, {(token(row.queue), row.priority) for row in rows})
         now = time.time()
         acks = await link.publish_many([self._enqueue_message(row, now) for row in rows])
+        return [self._inserted(ack) for ack in acks]
+
+    def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool] | None:
+        """``_put`` on this thread's plain socket, once the rows' bands have consumers.
+
+        None (use the event loop) before that: creating a band's consumer, and the
+        stream, stays with the async path.
+        """
+        if self._blocking is None:
+            return None
+        if not {(token(row.queue), row.priority) for row in rows} <= self._bands_made:
+            return None
+        now = time.time()
+        acks = self._blocking.publish_many([self._enqueue_message(row, now) for row in rows])
         return [self._inserted(ack) for ack in acks]
 
     def _enqueue_message(self, row: NewRow, now: float) -> Outgoing:
@@ -1071,4 +1094,6 @@ class NATSTaskQueue(TaskQueue):
 
     async def _close(self) -> None:
         await self._connector.close()
+        if self._blocking is not None:
+            self._blocking.close()
         self._held.clear()

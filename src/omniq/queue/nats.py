@@ -41,16 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import msgspec
 
 from .._errors import ConfigurationError
 from .._nats import (
-    CONSUMER_EXISTS,
     NO_MESSAGE_FOUND,
     Connector,
     JetStreamError,
@@ -61,12 +58,12 @@ from .._nats import (
     nats_settings,
     parse_url,
     rfc3339,
-    status_of,
     stream_name,
     token,
 )
 from .._nats_blocking import BlockingPublisher, can_log_in
 from .._task import TaskStatus
+from ._nats_bands import Bands, ack_info
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
 if TYPE_CHECKING:
@@ -80,15 +77,8 @@ log = logging.getLogger("omniq.queue.nats")
 
 RUNNING, PENDING = TaskStatus.RUNNING.value, TaskStatus.PENDING.value
 _NS = 1_000_000_000
-#: A delivery that waited unclaimed in a pull buffer longer than this share of
-#: AckWait is given back (NAK) rather than started on a shortened lease.
-_FRESH_SHARE = 0.25
-#: How long a claim's pull waits for a message the consumer has not counted yet.
-_CLAIM_GRACE = 0.005
 #: Longest pull request held open by the server while waiting for work.
 _MAX_WAIT_PULL = 30.0
-#: How often the list of bands is re-read even without an advisory.
-_BANDS_MAX_AGE = 30.0
 _LIST_PAGE = 256
 _SERVER_VERSION = (2, 12)
 _CHECK = "Nats-Expected-Last-Subject-Sequence"
@@ -159,101 +149,6 @@ def _fenced(
     return write
 
 
-def _ack_info(reply: str) -> tuple[int, int, int]:
-    """(delivery count, stream sequence, pending after it) from a JetStream ack subject."""
-    parts = reply.split(".")
-    if len(parts) == 9:  # $JS.ACK.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>
-        return int(parts[4]), int(parts[5]), int(parts[8])
-    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<dc>.<sseq>.<cseq>.<ts>.<pending>[.<x>]
-    return int(parts[6]), int(parts[7]), int(parts[10])
-
-
-def _window(bands: Sequence[_Band], start: int, need: int) -> list[_Band]:
-    """Bands from ``start`` until, by what they last said they hold, ``need`` is covered."""
-    window: list[_Band] = []
-    expected = 0
-    for band in bands[start:]:
-        if window and expected >= need:
-            break
-        window.append(band)
-        expected += len(band.buffer) + band.hint
-    return window
-
-
-def _pop(band: _Band, taken: list[Msg], limit: int) -> None:
-    while len(taken) < limit and band.buffer:
-        taken.append(band.buffer.popleft()[0])
-
-
-def _idle(band: _Band) -> bool:
-    """Nothing buffered, nothing left at the last delivery, and a wait pull out."""
-    return not band.buffer and band.hint == 0 and band.wait_pull is not None
-
-
-# -- per-connection state ------------------------------------------------------------------
-class _Pull:
-    __slots__ = ("batch", "future", "got")
-
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
-        self.got = 0
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def end(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-
-@dataclass(eq=False)
-class _Band:
-    """One band consumer as one connection sees it, with deliveries not claimed yet."""
-
-    index: int
-    name: str
-    queue: str
-    priority: int
-    ack_wait: float
-    buffer: deque[tuple[Msg, float]] = field(default_factory=deque)
-    #: Messages the server said were left after our last delivery (0: maybe empty).
-    hint: int = 0
-    pulls: dict[int, _Pull] = field(default_factory=dict)
-    #: Our outstanding wait pull (the server holds it until work comes) and its end.
-    wait_pull: int | None = None
-    waiting_until: float = 0.0
-
-
-class _State:
-    """What one connection knows: the bands, and the numbers it has used."""
-
-    def __init__(self) -> None:
-        self.bands: dict[str, _Band] = {}
-        self.by_index: dict[int, _Band] = {}
-        self.by_queue: dict[str, list[_Band]] = {}
-        self.valid_until = 0.0
-        self.invalidations = 0
-        self.listing: asyncio.Future[list[dict[str, Any]]] | None = None
-        self.lease_checked: set[str] = set()
-        self.numbers = iter(range(1 << 62))
-        self.lock = asyncio.Lock()
-
-    async def add(
-        self, link: Link, name: str, queue: str, priority: int, ack_wait: float, on_delivery: Any
-    ) -> None:
-        """Note a band, listening to its deliveries before anyone can pull from it."""
-        async with self.lock:
-            band = self.bands.get(name)
-            if band is not None:
-                band.ack_wait = ack_wait
-                return
-            band = _Band(next(self.numbers), name, queue, priority, ack_wait)
-            await link.listen(f"p.{band.index}", lambda msg: on_delivery(link, band, msg))
-            self.bands[name] = band
-            self.by_index[band.index] = band
-            ranked = self.by_queue.setdefault(queue, [])
-            ranked.append(band)
-            ranked.sort(key=lambda b: -b.priority)
-
-
 class NATSTaskQueue(TaskQueue):
     """Tasks in a NATS JetStream stream, shared by every process that connects to it.
 
@@ -305,11 +200,9 @@ class NATSTaskQueue(TaskQueue):
         self.retention_seconds = retention_seconds
         self.duplicate_window = duplicate_window
         self.replicas = replicas
-        self._connector = Connector(self.settings, self._setup, self._release_buffers)
+        self._bands = Bands(self.stream, self.lease_seconds)
+        self._connector = Connector(self.settings, self._setup, self._bands.release_buffers)
         self._blocking = BlockingPublisher(self.settings) if can_log_in(self.settings) else None
-        #: Bands whose consumer exists (made or seen by ``_ensure_bands``): the sync
-        #: facade's enqueue publishes to those without an event loop.
-        self._bands_made: set[tuple[str, int]] = set()
         #: Running records of the leases this instance handed out, by lease id.
         self._held: dict[str, _Record] = {}
         #: Writes in flight (see ``_fence``).
@@ -351,35 +244,8 @@ class NATSTaskQueue(TaskQueue):
                 f"NATSTaskQueue needs nats-server 2.12 or later (message schedules); "
                 f"{self.settings} runs {version}"
             )
-        state = _State()
-        link.ext = state
-        link.on_reconnect.append(lambda: self._forget_pulls(state))
-        for event in ("CREATED", "DELETED"):
-            await link.nc.subscribe(
-                f"$JS.EVENT.ADVISORY.CONSUMER.{event}.{self.stream}.*", cb=self._advisory(link)
-            )
+        await self._bands.setup(link)
         await self._ensure_stream(link)
-
-    def _advisory(self, link: Link) -> Any:
-        async def on_advisory(msg: Msg) -> None:
-            self._invalidate(link.ext)  # a band appeared or went: list them again
-            link.ring()
-
-        return on_advisory
-
-    @staticmethod
-    def _invalidate(state: _State) -> None:
-        state.valid_until = 0.0
-        state.invalidations += 1
-
-    def _forget_pulls(self, state: _State) -> None:
-        """After a reconnect the server knows none of our pull requests."""
-        for band in state.bands.values():
-            for pull in band.pulls.values():
-                pull.end()
-            band.pulls.clear()
-            band.wait_pull, band.waiting_until = None, 0.0
-        self._invalidate(state)
 
     async def _ensure_stream(self, link: Link) -> None:
         config = {
@@ -410,252 +276,11 @@ class NATSTaskQueue(TaskQueue):
                 f"(differs in {', '.join(wrong)}); choose another stream= name"
             )
 
-    # -- consumers --------------------------------------------------------------------------
-    def _band_config(self, name: str, queue: str, priority: int) -> dict[str, Any]:
-        return {
-            "durable_name": name,
-            "filter_subject": f"{self.stream}.r.{queue}.{priority}.*",
-            "ack_policy": "explicit",
-            "ack_wait": int(self.lease_seconds * _NS),
-            "deliver_policy": "all",
-            "max_deliver": -1,
-            "max_ack_pending": -1,
-        }
-
-    async def _create_consumer(
-        self, link: Link, name: str, config: dict[str, Any], action: str = "create"
-    ) -> dict[str, Any]:
-        request = {"stream_name": self.stream, "config": config, "action": action}
-        answer = await link.api(f"CONSUMER.CREATE.{self.stream}.{name}", request, check=False)
-        error = answer.get("error")
-        if error is None:
-            return answer
-        if error.get("err_code") == CONSUMER_EXISTS:
-            return await link.api(f"CONSUMER.INFO.{self.stream}.{name}")
-        raise JetStreamError(f"consumer {name}", error)
-
-    async def _ensure_bands(self, link: Link, bands: Iterable[tuple[str, int]]) -> None:
-        """Producers create a band's consumer before its first task, so waiters see it."""
-        state: _State = link.ext
-        bands = set(bands)
-        missing = sorted({(q, p) for q, p in bands if f"r~{q}~{p}" not in state.bands})
-        infos = await asyncio.gather(
-            *(self._create_consumer(link, f"r~{q}~{p}", self._band_config(f"r~{q}~{p}", q, p))
-              for q, p in missing)
-        )  # fmt: skip
-        for (q, p), info in zip(missing, infos, strict=True):
-            await self._add_band(link, f"r~{q}~{p}", q, p, info["config"]["ack_wait"] / _NS)
-        self._bands_made.update(bands)
-
-    async def _add_band(
-        self, link: Link, name: str, queue: str, priority: int, ack_wait: float
-    ) -> None:
-        await link.ext.add(link, name, queue, priority, ack_wait, self._delivered)
-
-    async def _bands(self, link: Link, queues: Sequence[str]) -> list[_Band]:
-        """The band consumers of ``queues``: queues in order, then highest priority first."""
-        state: _State = link.ext
-        if time.monotonic() >= state.valid_until:
-            await self._list_consumers(link)
-        return [band for q in queues for band in state.by_queue.get(token(q), ())]
-
-    async def _list_consumers(self, link: Link) -> list[dict[str, Any]]:
-        """Every consumer of the stream (with its counts); refreshes the band list.
-
-        Concurrent callers share one listing: a claim never sees a half-read list.
-        """
-        state: _State = link.ext
-        listing = state.listing
-        if listing is None:
-            listing = state.listing = asyncio.ensure_future(self._read_consumers(link))
-            listing.add_done_callback(lambda _: setattr(state, "listing", None))
-        return await asyncio.shield(listing)
-
-    async def _read_consumers(self, link: Link) -> list[dict[str, Any]]:
-        state: _State = link.ext
-        valid_until = time.monotonic() + _BANDS_MAX_AGE
-        generation = state.invalidations
-        infos: list[dict[str, Any]] = []
-        while True:
-            page = await link.api(f"CONSUMER.LIST.{self.stream}", {"offset": len(infos)})
-            infos += page.get("consumers") or []
-            if len(infos) >= page.get("total", 0) or not page.get("consumers"):
-                break
-        for info in infos:
-            kind, _, rest = info["name"].partition("~")
-            queue, _, priority = rest.rpartition("~")
-            if kind == "r" and queue:
-                ack_wait = info["config"]["ack_wait"] / _NS
-                await self._add_band(link, info["name"], queue, int(priority), ack_wait)
-        if state.invalidations == generation:  # no advisory came while listing
-            state.valid_until = valid_until
-        return infos
-
-    async def _check_lease(self, link: Link, band: _Band) -> None:
-        """A claimer makes the band's AckWait its ``lease_seconds`` (once per connection)."""
-        state: _State = link.ext
-        if band.name in state.lease_checked:
-            return
-        state.lease_checked.add(band.name)
-        if abs(band.ack_wait - self.lease_seconds) < 1e-3:
-            return
-        log.warning(
-            "queue band %s had a lease (AckWait) of %s s; setting it to this worker's %s s",
-            band.name, band.ack_wait, self.lease_seconds,
-        )  # fmt: skip
-        config = self._band_config(band.name, band.queue, band.priority)
-        await self._create_consumer(link, band.name, config, action="update")
-        band.ack_wait = self.lease_seconds
-
-    # -- pulls ------------------------------------------------------------------------------
-    def _delivered(self, link: Link, band: _Band, msg: Msg) -> None:
-        """A pull's delivery (buffered until claimed) or status (the pull is over)."""
-        status = status_of(msg)
-        if status is None:
-            band.buffer.append((msg, time.monotonic()))
-            band.hint = _ack_info(msg.reply)[2]
-            link.ring()
-            # The server serves a consumer's pull requests in order.
-            for number, pull in band.pulls.items():
-                if pull.got < pull.batch:
-                    pull.got += 1
-                    if pull.got == pull.batch:
-                        self._end_pull(band, number)
-                    break
-            return
-        if status == "100":  # idle heartbeat
-            return
-        if status in ("404", "408"):
-            band.hint = 0
-        elif status == "409":  # consumer deleted, leadership change, …: list again
-            self._invalidate(link.ext)
-            link.ring()
-        self._end_pull(band, int(msg.subject.rsplit(".", 1)[1]))
-
-    def _end_pull(self, band: _Band, number: int) -> None:
-        pull = band.pulls.pop(number, None)
-        if pull is not None:
-            pull.end()
-        if number == band.wait_pull:
-            band.wait_pull, band.waiting_until = None, 0.0
-
-    async def _pull(self, link: Link, band: _Band, batch: int, expires: float | None) -> int:
-        number: int = next(link.ext.numbers)
-        pull = _Pull(batch)
-        band.pulls[number] = pull
-        request: dict[str, Any] = {"batch": batch}
-        if expires is None:
-            # "No wait" answers from the consumer's count of pending messages,
-            # which trails a just-stored message by a moment: a short expiry
-            # lets such a message still come (the pull ends as soon as the
-            # band has nothing more to give).
-            request["no_wait"] = True
-            expires = _CLAIM_GRACE
-        request["expires"] = int(expires * _NS)
-        await link.nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{band.name}",
-            msgspec.json.encode(request),
-            reply=link.reply_to("p", band.index, number),
-        )
-        return number
-
-    async def _fetch(self, link: Link, band: _Band, batch: int) -> None:
-        """Pull up to ``batch`` available messages into the band's buffer (no waiting)."""
-        await self._check_lease(link, band)
-        number = await self._pull(link, band, batch, None)
-        pull = band.pulls[number]
-        done, _ = await asyncio.wait({pull.future}, timeout=5.0)
-        if not done:
-            log.debug("pull from %s got no answer", band.name)
-            self._end_pull(band, number)
-
-    async def _arm(self, link: Link, band: _Band, expires: float) -> None:
-        band.wait_pull = await self._pull(link, band, 1, expires)
-        band.waiting_until = time.monotonic() + expires + 1.0
-
-    def _sweep(self, state: _State) -> list[str]:
-        """Take stale deliveries out of the buffers; the ones still ours go back (NAK).
-
-        A delivery that waited too long to be leased with most of its AckWait
-        left is given back; one past (nearly) all of it is dropped without a
-        word, since the server may have handed it to someone else already and
-        an ack, even a NAK, names the message, not the delivery.
-        """
-        now = time.monotonic()
-        giveback = []
-        for band in state.bands.values():
-            buffer = band.buffer
-            while buffer and now - buffer[0][1] > band.ack_wait * _FRESH_SHARE:
-                msg, at = buffer.popleft()
-                if now - at < band.ack_wait * 0.8:
-                    giveback.append(msg.reply)
-        return giveback
-
-    async def _take(self, link: Link, bands: Sequence[_Band], limit: int) -> list[Msg]:
-        """Up to ``limit`` deliveries, in band order, fetching as little as possible.
-
-        Bands are pulled concurrently, starting at the first one not known to
-        be able to fill the claim by itself; what lower bands returned beyond
-        the claim goes back to the server at once (NAK keeps its place).
-        """
-        taken: list[Msg] = []
-        giveback = self._sweep(link.ext)
-        i = 0
-        while len(taken) < limit and i < len(bands):
-            need = limit - len(taken)
-            if bands[i].buffer and bands[i].hint == 0:
-                # All the band had when it last delivered is here: take it and
-                # stop (fewer tasks, never a lower band's ahead of a newer one).
-                _pop(bands[i], taken, limit)
-                break
-            window = _window(bands, i, need)
-            i += len(window)
-            if i == len(bands):
-                # Bands at the end that the server already holds a pull of ours
-                # for, and that had nothing more, would answer "nothing": their
-                # next message comes to that pull.
-                while window and _idle(window[-1]):
-                    window.pop()
-                if not window:
-                    break
-            await asyncio.gather(
-                *(self._fetch(link, b, need - len(b.buffer)) for b in window
-                  if len(b.buffer) < need)
-            )  # fmt: skip
-            for n, band in enumerate(window):
-                _pop(band, taken, limit)
-                if len(taken) >= limit:
-                    for later in window[n + 1 :]:
-                        giveback += [m.reply for m, _ in later.buffer]
-                        later.buffer.clear()
-                    break
-        if giveback:
-            await self._nak(link, giveback)
-        return taken
-
-    async def _nak(self, link: Link, replies: Sequence[str]) -> None:
-        """Give deliveries back at their place, and wait until the server has them."""
-        await link.request_many([Outgoing(reply, b"-NAK") for reply in replies])
-
-    async def _release_buffers(self, link: Link) -> None:
-        """On close: deliveries pulled but never claimed go back to the server."""
-        state: _State | None = link.ext
-        if state is None or not link.nc.is_connected:
-            return
-        replies = self._sweep(state)
-        for band in state.bands.values():
-            replies += [m.reply for m, _ in band.buffer]
-            band.buffer.clear()
-        for reply in replies:
-            await link.nc.publish(reply, b"-NAK")
-        if replies:
-            await link.nc.flush(timeout=2)
-
     # -- primitives -------------------------------------------------------------------------
     @_fenced
     async def _put(self, rows: Sequence[NewRow]) -> list[bool]:
         link = await self._link()
-        await self._ensure_bands(link, {(token(row.queue), row.priority) for row in rows})
+        await self._bands.ensure(link, {(token(row.queue), row.priority) for row in rows})
         now = time.time()
         acks = await link.publish_many([self._enqueue_message(row, now) for row in rows])
         return [self._inserted(ack) for ack in acks]
@@ -668,7 +293,7 @@ class NATSTaskQueue(TaskQueue):
         """
         if self._blocking is None:
             return None
-        if not {(token(row.queue), row.priority) for row in rows} <= self._bands_made:
+        if not {(token(row.queue), row.priority) for row in rows} <= self._bands.made:
             return None
         now = time.time()
         acks = self._blocking.publish_many([self._enqueue_message(row, now) for row in rows])
@@ -699,15 +324,15 @@ class NATSTaskQueue(TaskQueue):
         link = await self._link()
         if not link.up:
             return []  # riding out a reconnect: nothing can be leased meanwhile
-        bands = await self._bands(link, queues)
-        deliveries = await self._take(link, bands, limit)
+        bands = await self._bands.of_queues(link, queues)
+        deliveries = await self._bands.take(link, bands, limit)
         return await self._lease(link, deliveries) if deliveries else []
 
     async def _lease(self, link: Link, deliveries: Sequence[Msg]) -> list[StoredRow]:
         """Write the running record of each delivery, compare-and-set on the work message."""
         pending: list[tuple[_Record, Outgoing]] = []
         for msg in deliveries:
-            delivered, seq, _ = _ack_info(msg.reply)
+            delivered, seq, _ = ack_info(msg.reply)
             try:
                 work = _decode(msg.data)
             except msgspec.DecodeError:
@@ -791,11 +416,7 @@ class NATSTaskQueue(TaskQueue):
             await link.until_up(timeout)
             return
         expires = min(max(timeout, 0.01), _MAX_WAIT_PULL)
-        now = time.monotonic()
-        for band in await self._bands(link, queues):
-            if band.waiting_until <= now and not band.buffer:
-                await self._check_lease(link, band)
-                await self._arm(link, band, expires)
+        await self._bands.wait_pulls(link, queues, expires)
         await link.changed(since, timeout)
 
     @_fenced
@@ -902,7 +523,8 @@ class NATSTaskQueue(TaskQueue):
             outgoing.append(Outgoing(subject, _encode(back), self._after(lease.record, ref.id)))
             replies.append(lease.reply)
         acks = await link.publish_many(outgoing)
-        await self._nak(link, [r for r, a in zip(replies, acks, strict=True) if a.error is None])
+        given = [reply for reply, ack in zip(replies, acks, strict=True) if ack.error is None]
+        await self._bands.nak(link, given)
 
     async def _extend(self, refs: Sequence[LeaseRef], lease_until: float) -> list[bool]:
         link = await self._link()
@@ -1017,13 +639,7 @@ class NATSTaskQueue(TaskQueue):
             link.count(self.stream, f"{self.stream}.r.{name}.*.*"),
             link.count(self.stream, f"{self.stream}.u.{name}.*.*"),
         )
-        out = 0
-        if ready:
-            infos = await self._list_consumers(link)
-            bands = link.ext.by_queue.get(name, ())
-            names = {b.name for b in bands}
-            out = sum(int(i.get("num_ack_pending", 0)) for i in infos if i["name"] in names)
-            out -= sum(len(b.buffer) for b in bands)  # delivered to us, not started
+        out = await self._bands.out(link, name) if ready else 0
         return scheduled + released + max(0, ready - out)
 
     async def _list(self, status: TaskStatus, queue: str | None, limit: int) -> list[StoredRow]:
@@ -1077,7 +693,7 @@ class NATSTaskQueue(TaskQueue):
             record = _decode(newest.data)
             if kind not in "tf" or record.status not in final:
                 return False
-            await self._ensure_bands(link, [(queue, int(priority))])
+            await self._bands.ensure(link, [(queue, int(priority))])
             fresh = _Record(record.id, PENDING, 0, now, record.payload)
             subject = self._subject("r", queue, int(priority), task)
             [ack] = await link.publish_many(

@@ -162,6 +162,81 @@ async def test_large_batches_with_known_or_repeated_ids_insert_each_id_once(
     assert await queue.size("default") == 1 + 20 + 18
 
 
+# -- a caller that stops waiting -----------------------------------------------------------
+def pooled_pids(queue: PostgreSQLTaskQueue) -> set[int]:
+    """The server processes behind the queue's idle pooled connections on this loop."""
+    state = queue._db._states.get(asyncio.get_running_loop())
+    return set() if state is None else {conn.get_server_pid() for conn in state.idle}
+
+
+async def lock_the_tasks(admin: asyncpg.Connection, queue: PostgreSQLTaskQueue) -> None:
+    """Until the admin's transaction ends, every statement on the task table waits."""
+    await admin.execute(f"LOCK TABLE {queue.schema}.tasks IN ACCESS EXCLUSIVE MODE")
+
+
+async def blocked(admin: asyncpg.Connection, queue: PostgreSQLTaskQueue) -> int:
+    """The server process of the queue's statement that waits for a lock, once it does."""
+    found: list[asyncpg.Record] = []
+
+    async def waiting() -> bool:
+        found[:] = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND position($1 in query) > 0 AND pid <> pg_backend_pid()",
+            f"{queue.schema}.",
+        )
+        return bool(found)
+
+    await until(waiting, "a statement to wait for the lock")
+    return int(found[0][0])
+
+
+async def test_an_interrupted_wait_gives_its_connection_back(
+    queue: PostgreSQLTaskQueue, admin: asyncpg.Connection
+) -> None:
+    # A worker interrupts its wait whenever one of its own tasks ends, often
+    # while the wait looks up the next due time. That statement must finish on
+    # its connection, which goes back to the pool: closing it meant a new server
+    # process for a later claim, 5-10 ms (the enqueue→start p99 of an idle worker).
+    [pid] = pooled_pids(queue)
+    async with admin.transaction():
+        await lock_the_tasks(admin, queue)
+        since = queue._wake_generation()
+        waiter = asyncio.ensure_future(queue._wait(["default"], DEADLINE, since))
+        assert await blocked(admin, queue) == pid
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    async def back_in_the_pool() -> bool:
+        return pid in pooled_pids(queue)
+
+    await until(back_in_the_pool, "the connection to come back to the pool")
+
+
+async def test_a_claim_cancelled_in_flight_gives_its_tasks_back(
+    queue: PostgreSQLTaskQueue, admin: asyncpg.Connection
+) -> None:
+    await queue.enqueue(make_task())
+    [pid] = pooled_pids(queue)
+    async with admin.transaction():
+        await lock_the_tasks(admin, queue)
+        fetch = asyncio.ensure_future(queue.dequeue())
+        assert await blocked(admin, queue) == pid
+        fetch.cancel()  # its caller stops waiting
+        with pytest.raises(asyncio.CancelledError):
+            await fetch
+    # The claim leases the task once the lock is gone, then gives it back at
+    # once (not after its lease).
+    again: list[Any] = []
+
+    async def delivered_again() -> bool:
+        again.append(await queue.dequeue())
+        return again[-1] is not None
+
+    await until(delivered_again, "the task to be given back")
+    assert again[-1].attempts == 1
+
+
 # -- transactional enqueue -----------------------------------------------------------------
 async def test_transactional_enqueue_commits_and_rolls_back_with_the_application(
     postgres_dsn: str,

@@ -99,7 +99,6 @@ class PostgreSQLTaskQueue(TaskQueue):
         self._sql = _postgres.queries("tasks.sql", self.schema)
         self._channel = f"{self.schema}.tasks"
         self._next_prune = 0.0  # time.monotonic()
-        self._background: set[asyncio.Task[Any]] = set()
         self._writes: dict[asyncio.AbstractEventLoop, set[asyncio.Future[Any]]] = {}
 
     @classmethod
@@ -191,24 +190,15 @@ class PostgreSQLTaskQueue(TaskQueue):
         if time.monotonic() >= self._next_prune:
             await self._prune()
         sql, args = self._sql["claim"], (list(queues), limit, lease_until - now, lease_id)
-        job = asyncio.ensure_future(self._db.run(lambda conn: conn.fetch(sql, *args)))
-        try:
-            # A caller that stops waiting (a worker woken by its own tasks) must
-            # not lose rows the server already leased to it: they go back.
-            records = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            job.add_done_callback(lambda done: self._give_back(done, lease_id))
-            raise
+
+        async def give_back(records: list[Record]) -> None:
+            # A caller that stopped waiting must not lose rows the server leased to it.
+            if records:
+                await self._release([LeaseRef(record[0], lease_id) for record in records])
+
+        records = await self._db.run_to_end(lambda conn: conn.fetch(sql, *args), give_back)
         status = TaskStatus.RUNNING
         return [StoredRow(r[0], r[1], status, r[2], r[3], lease_id, r[4]) for r in records]
-
-    def _give_back(self, done: asyncio.Future[list[Record]], lease_id: str) -> None:
-        if done.cancelled() or done.exception() is not None or not done.result():
-            return
-        refs = [LeaseRef(record[0], lease_id) for record in done.result()]
-        job = asyncio.ensure_future(self._release(refs))
-        self._background.add(job)
-        job.add_done_callback(self._background.discard)
 
     async def _prune(self) -> None:
         """Retention: delete old finished tasks, a batch per claim until caught up."""
@@ -225,7 +215,9 @@ class PostgreSQLTaskQueue(TaskQueue):
     async def _wait(self, queues: Sequence[str], timeout: float, since: int) -> None:
         listener = await self._db.listener(self._channel)
         sql = self._sql["next_wake"]
-        next_wake = await self._db.run(lambda conn: conn.fetchval(sql))
+        # A worker interrupts this wait when a task of its own ends, often while
+        # this statement runs: it must not be cancelled (see run_to_end).
+        next_wake = await self._db.run_to_end(lambda conn: conn.fetchval(sql))
         if next_wake is not None:
             timeout = min(timeout, max(0.0, next_wake))
         await listener.wait(timeout, since, _postgres.accept_queues(queues))
@@ -298,10 +290,6 @@ class PostgreSQLTaskQueue(TaskQueue):
         return await job
 
     async def _close(self) -> None:
-        loop = asyncio.get_running_loop()
-        ours = {job for job in self._background if job.get_loop() is loop}
-        if ours:  # leases given back after a cancelled claim
-            await asyncio.wait(ours, timeout=5.0)
         self._writes.clear()
         await self._db.close()
 

@@ -22,7 +22,7 @@ from omniq import (
     OmniQError,
     TaskStatus,
 )
-from omniq._nats import Outgoing, nats_settings, token
+from omniq._nats import Outgoing, nats_settings, status_headers, token, wire_message
 from omniq._nats_blocking import BlockingPublisher, ServerRefused
 from omniq.events import Event, EventStorage, EventType
 from omniq.events.nats import NATSEventStorage
@@ -487,3 +487,36 @@ def test_sync_enqueue_refuses_a_message_over_max_payload(
             omniq.enqueue(echo, "x" * (2 << 20))
         omniq.enqueue(echo, 1)  # the connection is still good
         assert omniq.size() == 2
+
+
+# -- the protocol lines we write and read past nats-py -------------------------------------
+def test_wire_messages_are_the_protocol_nats_py_writes() -> None:
+    from nats.protocol.command import hpub_cmd
+
+    assert wire_message("S.r.q.0.t1", "", b"+ACK", None) == b"PUB S.r.q.0.t1 4\r\n+ACK\r\n"
+    head = b"NATS/1.0\r\nNats-Msg-Id: t1\r\nNats-TTL: 60\r\n\r\n"
+    assert wire_message(
+        "S.r.q.0.t1", "_INBOX.x.a.1.0", b"body", {"Nats-Msg-Id": "t1", "Nats-TTL": "60"}
+    ) == hpub_cmd("S.r.q.0.t1", "_INBOX.x.a.1.0", head, b"body")
+
+
+def test_only_status_headers_are_parsed() -> None:
+    assert status_headers(b"NATS/1.0\r\nNats-Msg-Id: t1\r\n\r\n") is None
+    assert status_headers(b"NATS/1.0 404 No Messages\r\n\r\n") == {
+        "Status": "404", "Description": "No Messages",
+    }  # fmt: skip
+    found = status_headers(b"NATS/1.0 409 Consumer Deleted\r\nNats-Pending-Messages: 3\r\n\r\n")
+    assert found == {
+        "Status": "409", "Description": "Consumer Deleted", "Nats-Pending-Messages": "3",
+    }  # fmt: skip
+
+
+async def test_deliveries_and_acknowledgements_bypass_the_driver(queue: NATSTaskQueue) -> None:
+    """The installed nats-py still calls ``_process_msg`` as the fast path expects;
+    were it to change, everything would still work, only slower: this says so."""
+    link = await queue._link()
+    assert link._fast is not None
+    await queue.enqueue(make_task(id="fast"))
+    task = await queue.dequeue()  # a delivery, then the running record's acknowledgement
+    assert task is not None and task.id == "fast"
+    assert await queue.ack(task)

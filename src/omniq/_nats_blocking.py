@@ -36,8 +36,10 @@ from ._nats import (
     NATSSettings,
     Outgoing,
     PubAck,
+    check_size,
     collect_acks,
     unacknowledged,
+    wire_message,
 )
 
 #: Pause between attempts to reach a server that went away.
@@ -86,18 +88,8 @@ class _Wire:
         prefix = f"{self.inbox}.{self.calls}."
         out = bytearray()
         for index, (subject, payload, headers) in enumerate(messages):
-            head = _headers(headers)
-            if len(head) + len(payload) > self.max_payload:
-                raise OmniQError(
-                    f"a message of {len(head) + len(payload)} bytes exceeds the NATS "
-                    f"server's max_payload ({self.max_payload})"
-                )
-            out += (
-                f"HPUB {subject} {prefix}{index} {len(head)} {len(head) + len(payload)}\r\n"
-            ).encode()
-            out += head
-            out += payload
-            out += b"\r\n"
+            check_size(payload, headers, self.max_payload)
+            out += wire_message(subject, f"{prefix}{index}", payload, headers)
         try:
             self.sock.sendall(out)
         except OSError as exc:
@@ -178,12 +170,6 @@ class _Wire:
             self.sock.sendall(data)
         except OSError as exc:
             raise _Lost(exc) from exc
-
-
-def _headers(headers: dict[str, str] | None) -> bytes:
-    lines = ["NATS/1.0"]
-    lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 class BlockingPublisher:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._nats import CONSUMER_EXISTS, JetStreamError, Link, Outgoing, status_of, token
+from .._nats import CONSUMER_EXISTS, Delivery, JetStreamError, Link, Outgoing, status_of, token
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -60,7 +60,7 @@ def _window(bands: Sequence[Band], start: int, need: int) -> list[Band]:
     return window
 
 
-def _pop(band: Band, taken: list[Msg], limit: int) -> None:
+def _pop(band: Band, taken: list[Delivery], limit: int) -> None:
     while len(taken) < limit and band.buffer:
         taken.append(band.buffer.popleft()[0])
 
@@ -93,7 +93,7 @@ class Band:
     queue: str
     priority: int
     ack_wait: float
-    buffer: deque[tuple[Msg, float]] = field(default_factory=deque)
+    buffer: deque[tuple[Delivery, float]] = field(default_factory=deque)
     #: Messages the server said were left after our last delivery (0: maybe empty).
     hint: int = 0
     pulls: dict[int, _Pull] = field(default_factory=dict)
@@ -280,7 +280,7 @@ class Bands:
         band.ack_wait = self.lease_seconds
 
     # -- pulls ------------------------------------------------------------------------------
-    def _delivered(self, link: Link, band: Band, msg: Msg) -> None:
+    def _delivered(self, link: Link, band: Band, msg: Delivery) -> None:
         """A pull's delivery (buffered until claimed) or status (the pull is over)."""
         status = status_of(msg)
         if status is None:
@@ -372,14 +372,14 @@ class Bands:
                     giveback.append(msg.reply)
         return giveback
 
-    async def take(self, link: Link, bands: Sequence[Band], limit: int) -> list[Msg]:
+    async def take(self, link: Link, bands: Sequence[Band], limit: int) -> list[Delivery]:
         """Up to ``limit`` deliveries, in band order, fetching as little as possible.
 
         Bands are pulled concurrently, starting at the first one not known to
         be able to fill the claim by itself; what lower bands returned beyond
         the claim goes back to the server at once (NAK keeps its place).
         """
-        taken: list[Msg] = []
+        taken: list[Delivery] = []
         giveback = self._sweep(link.ext)
         i = 0
         while len(taken) < limit and i < len(bands):

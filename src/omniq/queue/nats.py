@@ -50,6 +50,7 @@ from .._errors import ConfigurationError
 from .._nats import (
     NO_MESSAGE_FOUND,
     Connector,
+    Delivery,
     JetStreamError,
     Link,
     Outgoing,
@@ -68,8 +69,6 @@ from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
 if TYPE_CHECKING:
     import ssl
-
-    from nats.aio.msg import Msg
 
     from ..results.nats import NATSResultStorage
 
@@ -328,7 +327,7 @@ class NATSTaskQueue(TaskQueue):
         deliveries = await self._bands.take(link, bands, limit)
         return await self._lease(link, deliveries) if deliveries else []
 
-    async def _lease(self, link: Link, deliveries: Sequence[Msg]) -> list[StoredRow]:
+    async def _lease(self, link: Link, deliveries: Sequence[Delivery]) -> list[StoredRow]:
         """Write the running record of each delivery, compare-and-set on the work message."""
         pending: list[tuple[_Record, Outgoing]] = []
         for msg in deliveries:
@@ -442,13 +441,15 @@ class NATSTaskQueue(TaskQueue):
         done: list[bool] = []
         cleanup: list[int] = []
         verb = b"+ACK" if status is TaskStatus.SUCCEEDED else b"+TERM " + status.value.encode()
+        replies: list[tuple[str, str, bytes, None]] = []
         for out, (lease, _) in zip(outgoing, held, strict=True):
             ok = bool(out.subject) and next(acks).error is None
             done.append(ok)
             if ok and lease is not None:
-                await link.nc.publish(lease.reply, verb)
+                replies.append((lease.reply, "", verb, None))
                 if status is TaskStatus.FAILED:
                     cleanup.append(lease.record)  # the running record, now superseded
+        await link.send(replies)
         if cleanup:
             await self._delete(link, cleanup)
         return done

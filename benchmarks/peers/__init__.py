@@ -32,13 +32,15 @@ class Peer:
 
 
 #: In the order of the table. D settings: Huey one consumer, 8 threads; RQ one
-#: ``SimpleWorker``; Dramatiq one process, 8 threads; taskiq one worker process, async;
-#: arq one worker, ``max_jobs`` 100, ``poll_delay`` 10 ms; procrastinate one worker,
-#: concurrency 8; pgqueuer one ``PgQueuer.run()``, batch 10 (see each module).
+#: ``SimpleWorker``; Dramatiq one process, 8 threads; Celery one worker, solo pool;
+#: taskiq one worker process, async; arq one worker, ``max_jobs`` 100, ``poll_delay``
+#: 10 ms; procrastinate one worker, concurrency 8; pgqueuer one ``PgQueuer.run()``,
+#: batch 10 (see each module).
 PEERS = {
     "huey_peer": Peer("Huey", ["huey", "redis"], ["redis", "sqlite", "file"]),
     "rq_peer": Peer("RQ", ["rq"], ["redis"]),
     "dramatiq_peer": Peer("Dramatiq", ["dramatiq[redis]"], ["redis"]),
+    "celery_peer": Peer("Celery", ["celery[redis]"], ["redis"]),
     "taskiq_peer": Peer("taskiq", ["taskiq", "taskiq-redis", "taskiq-nats"], ["redis", "nats"]),
     "arq_peer": Peer("arq", ["arq"], ["redis"]),
     "procrastinate_peer": Peer("procrastinate", ["procrastinate"], ["postgres"]),

@@ -124,6 +124,30 @@ def wait_rate(proc: subprocess.Popen[bytes], rate_file: Path, timeout: float = 6
         shutil.rmtree(rate_file.parent, ignore_errors=True)
 
 
+def run_with_worker_process(
+    args: argparse.Namespace,
+    send_noop: Callable[[], object],
+    send_since: Callable[[float], object],
+    worker: Callable[[dict[str, str]], subprocess.Popen[bytes]],
+) -> None:
+    """E, D or L (``args.kind``) for a peer whose worker is a process of its own,
+    started by ``worker(env)``; prints the figures."""
+    if args.kind == "E":
+        emit({"rate": timed(args.count, send_noop)})
+    elif args.kind == "D":
+        for _ in range(args.count):
+            send_noop()
+        env, rate_file = consumer_env(args.count)
+        emit({"rate": wait_rate(worker(env), rate_file)})
+    else:
+        sock = probe_socket()
+        proc = worker(dict(os.environ))
+        try:
+            emit(udp_latency(sock, args.samples, send_since))
+        finally:
+            stop(proc)
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     return {

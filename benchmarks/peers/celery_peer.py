@@ -55,20 +55,7 @@ def main() -> None:
     args = _common.parse(["redis"])
     # Import this module under its real name, with the app the worker will use.
     bench = importlib.import_module("benchmarks.peers.celery_peer")
-    if args.kind == "E":
-        _common.emit({"rate": _common.timed(args.count, bench.noop.delay)})
-    elif args.kind == "D":
-        for _ in range(args.count):
-            bench.noop.delay()
-        env, rate_file = _common.consumer_env(args.count)
-        _common.emit({"rate": _common.wait_rate(worker(env), rate_file)})
-    else:
-        sock = _common.probe_socket()
-        proc = worker(dict(os.environ))
-        try:
-            _common.emit(_common.udp_latency(sock, args.samples, bench.since.delay))
-        finally:
-            _common.stop(proc)
+    _common.run_with_worker_process(args, bench.noop.delay, bench.since.delay, worker)
 
 
 if __name__ == "__main__":

@@ -44,20 +44,7 @@ def main() -> None:
     args = _common.parse(["redis"])
     # Import this module under its real name, with the broker the worker will use.
     app = importlib.import_module("benchmarks.peers.dramatiq_peer")
-    if args.kind == "E":
-        _common.emit({"rate": _common.timed(args.count, app.noop.send)})
-    elif args.kind == "D":
-        for _ in range(args.count):
-            app.noop.send()
-        env, rate_file = _common.consumer_env(args.count)
-        _common.emit({"rate": _common.wait_rate(worker(env), rate_file)})
-    else:
-        sock = _common.probe_socket()
-        proc = worker(dict(os.environ))
-        try:
-            _common.emit(_common.udp_latency(sock, args.samples, app.since.send))
-        finally:
-            _common.stop(proc)
+    _common.run_with_worker_process(args, app.noop.send, app.since.send, worker)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ TARGET is the Redis URL; the queue is named ``--name``.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from benchmarks.peers import _common
@@ -38,22 +37,12 @@ def main() -> None:
     args = _common.parse(["redis"])
     queue = Queue(args.name, connection=Redis.from_url(args.target))
     task, probe = "benchmarks.peers.rq_peer.noop", "benchmarks.peers.rq_peer.since"
-    if args.kind == "E":
-        _common.emit({"rate": _common.timed(args.count, lambda: queue.enqueue(task))})
-    elif args.kind == "D":
-        for _ in range(args.count):
-            queue.enqueue(task)
-        env, rate_file = _common.consumer_env(args.count)
-        proc = worker(args.target, args.name, env)
-        _common.emit({"rate": _common.wait_rate(proc, rate_file)})
-    else:
-        sock = _common.probe_socket()
-        proc = worker(args.target, args.name, dict(os.environ))
-        try:
-            send = lambda sent: queue.enqueue(probe, sent)  # noqa: E731
-            _common.emit(_common.udp_latency(sock, args.samples, send))
-        finally:
-            _common.stop(proc)
+    _common.run_with_worker_process(
+        args,
+        lambda: queue.enqueue(task),
+        lambda sent: queue.enqueue(probe, sent),
+        lambda env: worker(args.target, args.name, env),
+    )
 
 
 if __name__ == "__main__":

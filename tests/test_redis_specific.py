@@ -84,7 +84,8 @@ def count_scripts(monkeypatch: pytest.MonkeyPatch, connector: RedisConnector) ->
 def test_every_queue_script_starts_with_the_key_schema() -> None:
     header = load_script("put").source.split("local K = ARGV[1]")[0]
     assert "K:t:<id>" in header and "K:q:<queue>" in header and "K:leases" in header
-    for name in ("put", "claim", "finish", "retry", "release", "extend", "cancel", "requeue"):
+    scripts = ("put", "put_one", "claim", "finish", "retry", "release", "extend", "cancel")
+    for name in (*scripts, "requeue"):
         assert load_script(name).source.startswith(header), name
 
 
@@ -151,6 +152,53 @@ async def test_batches_are_one_round_trip(
     assert all(await queue.ack_many(tasks))
     assert all(await queue.extend_lease(await queue.dequeue_many(50)))
     assert calls == ["put", "claim", "finish", "claim", "extend"]
+
+
+async def test_one_task_is_put_with_flat_arguments_and_lands_like_a_batch(
+    queue: RedisTaskQueue, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_scripts(monkeypatch, queue._conn)
+    one, other = make_task(priority=3), make_task(priority=3)
+    later = make_task(due_at=time.time() + 3600)
+    await queue.enqueue(one)
+    assert queue.enqueue_blocking([other]) == [True]  # the sync facade's path
+    assert queue.enqueue_blocking([other]) == [False]  # idempotent
+    await queue.enqueue(later)
+    await queue.enqueue_many([make_task(), make_task()])
+    assert calls == ["put_one", "put_one", "put"]  # enqueue_blocking bypasses _eval
+    k = "{" + queue.prefix + "}"
+    fields = client.hgetall(f"{k}:t:{one.id}")
+    assert {f.decode() for f in fields} == {"q", "p", "n", "d", "s"}
+    assert float(fields[b"d"]) == one.due_at and float(fields[b"p"]) == 3
+    assert client.object("encoding", f"{k}:t:{one.id}") in (b"ziplist", b"listpack")
+    assert client.hget(f"{k}:t:{later.id}", "s") == b"scheduled"
+    assert client.zscore(f"{k}:sched", later.id) == pytest.approx(later.due_at)
+    assert await queue.size("default") == 5
+    got = await queue.dequeue_many(10)
+    assert [t.id for t in got[:2]] == [one.id, other.id]  # priority, then FIFO
+
+
+async def test_a_broken_connection_is_made_again(queue: RedisTaskQueue, client: Any) -> None:
+    await queue.enqueue(make_task())
+    assert queue.enqueue_blocking([make_task()]) == [True]
+    client.client_kill_filter(_type="normal", skipme=True)  # cuts every other client
+    await queue.enqueue(make_task())  # the loop's pipelined connection, again
+    assert queue.enqueue_blocking([make_task()]) == [True]  # the thread's socket, again
+    assert await queue.size("default") == 4
+
+
+async def test_a_cancelled_call_leaves_the_pipelined_connection_in_step(
+    queue: RedisTaskQueue, client: Any
+) -> None:
+    k = "{" + queue.prefix + "}"
+    client.set(f"{k}:r:a", b"A")
+    client.set(f"{k}:r:b", b"B")
+    await queue._conn.pipeline(("PING",))
+    first = asyncio.ensure_future(queue._conn.pipeline(("GET", f"{k}:r:a")))
+    await asyncio.sleep(0)  # sent; its reply is on its way
+    first.cancel()
+    assert await queue._conn.pipeline(("GET", f"{k}:r:b")) == [b"B"]  # not A's reply
+    assert first.cancelled()
 
 
 async def test_huge_enqueue_many_is_split_but_keeps_order(queue: RedisTaskQueue) -> None:
@@ -241,6 +289,63 @@ async def test_a_waiting_dequeue_is_woken_by_another_instance(make_queue: MakeQu
     finally:
         await consumer.close()
         await producer.close()
+
+
+async def test_a_wake_up_brings_the_task_without_another_claim(
+    make_queue: MakeQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer, producer = make_queue(), make_queue()
+    assert isinstance(consumer, RedisTaskQueue)
+    try:
+        calls = count_scripts(monkeypatch, consumer._conn)
+        looked = asyncio.Event()
+        original = consumer._wait
+
+        async def signalling_wait(*args: Any) -> None:
+            looked.set()
+            await original(*args)
+
+        consumer._wait = signalling_wait  # type: ignore[method-assign]
+        waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
+        await looked.wait()
+        task = make_task()
+        await producer.enqueue(task)
+        got = await asyncio.wait_for(waiter, DEADLINE)
+        assert got is not None and got.id == task.id and got.attempts == 1
+        # The first look, then nothing: the claim rode on the wake-up.
+        assert calls == ["claim"]
+        assert await consumer.ack(got)
+    finally:
+        await consumer.close()
+        await producer.close()
+
+
+async def test_tasks_a_wake_up_claimed_for_a_waiter_that_left_are_released(
+    make_queue: MakeQueue,
+) -> None:
+    consumer, producer, other = make_queue(), make_queue(), make_queue()
+    try:
+        looked = asyncio.Event()
+        original = consumer._wait
+
+        async def signalling_wait(*args: Any) -> None:
+            looked.set()
+            await original(*args)
+
+        consumer._wait = signalling_wait  # type: ignore[method-assign]
+        waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
+        await looked.wait()
+        waiter.cancel()  # the waiter leaves; its wake-up (BLMOVE + claim) stays queued
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        task = make_task()
+        await producer.enqueue(task)  # the consumer's wake-up claims it, for nobody
+        # Released soon (not after the lease), with its attempt given back.
+        got = await other.dequeue(timeout=DEADLINE)
+        assert got is not None and got.id == task.id and got.attempts == 1
+    finally:
+        for q in (consumer, producer, other):
+            await q.close()
 
 
 async def test_a_claim_cancelled_in_flight_gives_its_tasks_back(

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._task import TaskStatus
+from .._task import TaskStatus, new_task_id
 from ._redis import Doorbell, RedisConnector, RedisSettings, load_script, redis_settings
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from ..results.redis import RedisResultStorage
 
 _PUT = load_script("put")
+_PUT_ONE = load_script("put_one")
 _CLAIM = load_script("claim")
 _FINISH = load_script("finish")
 _RETRY = load_script("retry")
@@ -49,6 +52,9 @@ _LIST_CHUNK = 500
 _PRUNE_EVERY = 1.0
 #: How long a cancelled claim waits for its reply, to release what it leased.
 _GIVE_BACK_WAIT = 5.0
+#: How long tasks a wake-up claimed wait for a claim of this instance to take
+#: them (one comes at once: the woken waiter's) before they are released.
+_AHEAD_HOLD = 1.0
 _STATUS = {
     b"ready": TaskStatus.PENDING,
     b"scheduled": TaskStatus.PENDING,
@@ -59,7 +65,10 @@ _STATUS = {
     b"expired": TaskStatus.EXPIRED,
 }
 _ROW_FIELDS = ("s", "a", "d", "l", "e")
+#: ``put_one``'s priority and score arguments for the usual priorities.
+_PRIORITY_ARGS = {p: (repr(float(p)), repr(-float(p))) for p in range(-10, 11)}
 _pack = msgspec.msgpack.encode
+log = logging.getLogger("omniq.redis")
 
 #: The next due time or lease end the last claim in this context reported,
 #: with the queue it came from (a context per asyncio task: concurrent
@@ -105,6 +114,15 @@ def _claimed(reply: Sequence[Any], lease_id: str) -> list[StoredRow]:
         )
         for i in range(1, len(reply), 5)
     ]
+
+
+@dataclass
+class _Ahead:
+    """Tasks a wake-up claimed for one loop and queue list, until a claim takes them."""
+
+    rows: list[StoredRow] = field(default_factory=list)
+    next_due: float | None = None
+    timer: asyncio.TimerHandle | None = None
 
 
 def _refs(refs: Sequence[LeaseRef]) -> bytes:
@@ -163,6 +181,11 @@ class RedisTaskQueue(TaskQueue):
         self._k = "{" + self.prefix + "}"
         self._wake_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._next_prune = 0.0
+        #: Tasks claimed by wake-ups (see ``_claim_ahead``), per loop and queue list.
+        self._ahead: dict[tuple[asyncio.AbstractEventLoop, tuple[str, ...]], _Ahead] = {}
+        #: The limit of this instance's last claim per queue list: a wake-up's claim's.
+        self._ahead_limit: dict[tuple[str, ...], int] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisTaskQueue:
@@ -185,11 +208,24 @@ class RedisTaskQueue(TaskQueue):
     # -- primitives -------------------------------------------------------------
     def _put_args(self, rows: Sequence[NewRow]) -> list[Any]:
         # Priorities travel as floats: Lua numbers are doubles, and an int
-        # beyond 64 bits would not encode at all.
+        # beyond 64 bits would not encode at all. A task due by the producer's
+        # clock (no eta: always) is ready at once; a later one is scheduled and
+        # becomes ready by the server's clock.
         meta = _pack([(r.id, r.queue, float(r.priority), r.due_at) for r in rows])
-        return [self._k, meta, *(row.payload for row in rows)]
+        return [self._k, meta, repr(time.time()), *(row.payload for row in rows)]
+
+    def _put_one_args(self, row: NewRow) -> tuple[Any, ...]:
+        """``put_one``'s arguments: flat strings, nothing for the script to unpack."""
+        priority = _PRIORITY_ARGS.get(row.priority)
+        if priority is None:
+            value = float(row.priority)  # as in put: Lua compares doubles
+            priority = (repr(value), repr(-value))
+        ready = "1" if row.due_at <= time.time() else "0"
+        return (self._k, row.id, row.queue, *priority, repr(row.due_at), ready, row.payload)
 
     async def _put(self, rows: Sequence[NewRow]) -> list[bool]:
+        if len(rows) == 1:
+            return [bool(await self._conn.eval(_PUT_ONE, (), self._put_one_args(rows[0])))]
         inserted: list[bool] = []
         for start in range(0, len(rows), _PUT_CHUNK):
             args = self._put_args(rows[start : start + _PUT_CHUNK])
@@ -197,6 +233,8 @@ class RedisTaskQueue(TaskQueue):
         return inserted
 
     def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool]:
+        if len(rows) == 1:  # omniq.enqueue: the hot path
+            return [bool(self._conn.eval_blocking(_PUT_ONE, (), self._put_one_args(rows[0])))]
         inserted: list[bool] = []
         for start in range(0, len(rows), _PUT_CHUNK):
             args = self._put_args(rows[start : start + _PUT_CHUNK])
@@ -206,12 +244,18 @@ class RedisTaskQueue(TaskQueue):
     async def _claim(
         self, queues: Sequence[str], limit: int, now: float, lease_until: float, lease_id: str
     ) -> list[StoredRow]:
+        names = tuple(queues)
+        self._ahead_limit[names] = limit
+        if self._ahead:
+            rows = self._take_ahead(names, limit)
+            if rows:
+                return rows
         # The server's clock decides leases: only the lease's length travels.
         retention: float | str = ""
         if now >= self._next_prune:  # about once a second per instance is plenty
             self._next_prune = now + _PRUNE_EVERY
             retention = self.retention_seconds
-        args = (self._k, lease_until - now, lease_id, limit, retention, *queues)
+        args = (self._k, lease_until - now, lease_id, limit, retention, "", *queues)
         call = asyncio.ensure_future(self._conn.eval(_CLAIM, (), args))
         try:
             reply = await asyncio.shield(call)
@@ -220,6 +264,56 @@ class RedisTaskQueue(TaskQueue):
             raise
         _NEXT_DUE.set((self, time.time() + float(reply[0]) if reply[0] else None))
         return _claimed(reply, lease_id)
+
+    # -- wake-ups that carry a claim ----------------------------------------------
+    def _claim_ahead(
+        self, names: tuple[str, ...], token_key: str, loop: asyncio.AbstractEventLoop
+    ) -> tuple[bytes, Callable[[Any], None]]:
+        """The claim a waiter's wake-up carries (``Doorbell.ahead``), and what takes its
+        reply: the tasks wait in ``_ahead`` for the woken waiter's claim."""
+        lease_id = new_task_id()
+        limit = self._ahead_limit.get(names, 1)
+        args = (self._k, self.lease_seconds, lease_id, limit, "", token_key, *names)
+
+        def take(reply: Any) -> None:
+            rows = _claimed(reply, lease_id)
+            if rows:
+                ahead = self._ahead.setdefault((loop, names), _Ahead())
+                ahead.rows += rows
+                ahead.next_due = time.time() + float(reply[0]) if reply[0] else None
+                if ahead.timer is None:  # well within their lease, however short
+                    hold = min(_AHEAD_HOLD, self.lease_seconds / 4)
+                    ahead.timer = loop.call_later(hold, self._let_go, loop, names)
+
+        return self._conn.pack_eval(_CLAIM, args), take
+
+    def _take_ahead(self, names: tuple[str, ...], limit: int) -> list[StoredRow]:
+        """Up to ``limit`` of the tasks wake-ups claimed on this loop, in their order."""
+        key = (asyncio.get_running_loop(), names)
+        ahead = self._ahead.get(key)
+        if ahead is None:
+            return []
+        rows, ahead.rows = ahead.rows[:limit], ahead.rows[limit:]
+        if not ahead.rows:
+            del self._ahead[key]
+            if ahead.timer is not None:
+                ahead.timer.cancel()
+        _NEXT_DUE.set((self, ahead.next_due))
+        return rows
+
+    def _let_go(self, loop: asyncio.AbstractEventLoop, names: tuple[str, ...]) -> None:
+        """Release what a wake-up claimed that no claim took (its waiter went away)."""
+        ahead = self._ahead.pop((loop, names), None)
+        if ahead is not None and ahead.rows:
+            task = loop.create_task(self._release_quietly(ahead.rows))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release_quietly(self, rows: Sequence[StoredRow]) -> None:
+        try:
+            await self._release([LeaseRef(row.id, row.lease_id) for row in rows])
+        except Exception as exc:  # their leases end and they are delivered again
+            log.warning("could not release %d tasks claimed for a wake-up: %s", len(rows), exc)
 
     async def _give_back(self, call: asyncio.Future[Any], lease_id: str) -> None:
         """A cancelled claim: release what the server leased before the cancel landed.
@@ -246,9 +340,9 @@ class RedisTaskQueue(TaskQueue):
         owner, next_due = _NEXT_DUE.get()
         if owner is self and next_due is not None:
             timeout = min(timeout, next_due - time.time())
-        if timeout <= 0:
-            return
         names = tuple(queues)
+        if timeout <= 0 or (self._ahead and (asyncio.get_running_loop(), names) in self._ahead):
+            return  # (a wake-up claimed tasks while nobody waited: claim them now)
         keys = self._wake_keys.get(names)
         if keys is None:
             keys = self._wake_keys[names] = tuple(f"{self._k}:w:{name}" for name in names)
@@ -256,6 +350,10 @@ class RedisTaskQueue(TaskQueue):
         bell = entry.doorbells.get(keys)
         if bell is None:
             bell = entry.doorbells[keys] = Doorbell(keys)
+            if len(names) == 1:  # BLMOVE takes one list: waits on several use BLPOP
+                bell.token_key = f"{self._k}:wt:{new_task_id()}"
+                loop = asyncio.get_running_loop()
+                bell.ahead = lambda: self._claim_ahead(names, bell.token_key or "", loop)
         await bell.wait(entry, self._conn, timeout)
 
     async def _finish(
@@ -367,4 +465,12 @@ class RedisTaskQueue(TaskQueue):
         return rows
 
     async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for loop_names in [key for key in self._ahead if key[0] is loop]:
+            ahead = self._ahead.pop(loop_names)
+            if ahead.timer is not None:
+                ahead.timer.cancel()
+            await self._release_quietly(ahead.rows)
+        if self._releasing:
+            await asyncio.wait(set(self._releasing))
         await self._conn.close()

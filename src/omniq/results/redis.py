@@ -83,7 +83,7 @@ class RedisResultStorage(ResultStorage):
         await self._conn.eval(_SET, (), args)
 
     async def get(self, task_id: str) -> TaskResult | None:
-        payload = await self._conn.command("GET", f"{self._k}:r:{task_id}")
+        [payload] = await self._conn.pipeline(("GET", f"{self._k}:r:{task_id}"))
         return None if payload is None else _decoder.decode(payload)
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
@@ -91,7 +91,7 @@ class RedisResultStorage(ResultStorage):
         deadline = None if timeout is None else time.monotonic() + timeout
         waiting, latch = f"{self._k}:rw:{task_id}", f"{self._k}:rl:{task_id}"
         while True:
-            await self._conn.command("SET", waiting, 1, "PX", _WAITING_MS)
+            await self._conn.pipeline(("SET", waiting, 1, "PX", _WAITING_MS))
             # The mark is set before this look: a result stored after the look
             # finds it and fills the latch, so the block below cannot miss it.
             result = await self.get(task_id)
@@ -102,12 +102,12 @@ class RedisResultStorage(ResultStorage):
                 return None
             # Redis reads a timeout that rounds to 0 ms as "block forever".
             block = min(max(remaining, 0.01), MAX_BLOCK)
-            payload = await self._conn.command("BLMOVE", latch, latch, "LEFT", "LEFT", block)
+            payload = await self._conn.blocking("BLMOVE", latch, latch, "LEFT", "LEFT", block)
             if payload is not None:
                 return _decoder.decode(payload)
 
     async def delete(self, task_id: str) -> None:
-        await self._conn.command("DEL", f"{self._k}:r:{task_id}", f"{self._k}:rl:{task_id}")
+        await self._conn.pipeline(("DEL", f"{self._k}:r:{task_id}", f"{self._k}:rl:{task_id}"))
 
     async def close(self) -> None:
         await self._conn.close()

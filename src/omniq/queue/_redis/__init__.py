@@ -8,6 +8,7 @@ from __future__ import annotations
 from .connection import (
     INSTALL_HINT,
     MAX_BLOCK,
+    Ahead,
     Doorbell,
     LoopClient,
     RedisConnector,
@@ -20,6 +21,7 @@ from .connection import (
 __all__ = [
     "INSTALL_HINT",
     "MAX_BLOCK",
+    "Ahead",
     "Doorbell",
     "LoopClient",
     "RedisConnector",

@@ -1,14 +1,26 @@
 -- claim: lease up to `limit` tasks: queues strictly in list order, within a queue
 -- higher priority first, then enqueue order.
 -- ARGV: K, lease seconds, lease id, limit, retention seconds ('' = no pruning now),
---       queue, queue, ...
+--       token ('' = claim now), queue, queue, ...
+-- With a token (a consumer's K:wt:<consumer> list), the claim is the second half
+-- of a wake-up: the consumer sends it right behind its blocking BLMOVE of a token
+-- from the queue's wake-up list into that list, so the server runs it as soon as
+-- the token arrives, and the task comes back with the wake-up, with no round
+-- trip in between. If the BLMOVE timed out (no token), it claims nothing.
 -- First, in the same step: expired leases and due scheduled tasks become ready
 -- (at most BATCH of each per call) and finished tasks past retention are deleted.
 -- Returns {next, id, payload, attempts, due time, error, id, ...}. `next` is how
 -- many seconds from now the earliest due time or lease end is ('' if none): an
 -- idle consumer that got nothing sleeps that long at most.
+-- A consumer claims several times per task it runs, so the schema's helpers are
+-- written out here: their closures, built again on every run, cost more than
+-- most of the redis.calls of a claim.
+if ARGV[6] ~= '' and not redis.call('LPOP', ARGV[6]) then
+  return { '' }
+end
 local BATCH, PRUNE = 1000, 200
-local now = clock()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lease_end, lease_id = now + tonumber(ARGV[2]), ARGV[3]
 local limit = tonumber(ARGV[4])
 local leases, sched = K .. ':leases', K .. ':sched'
@@ -18,15 +30,22 @@ local function head(key)
   return redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]
 end
 
+-- A task becomes claimable again: into its queue's ZSET, at its original FIFO place
+-- (schema.lua's make_ready and member).
+local function ready_again(tk, id, cur)
+  redis.call('HSET', tk, 's', 'ready')
+  redis.call('ZADD', K .. ':q:' .. cur[2], -tonumber(cur[3]), string.format('%016x', cur[4]) .. id)
+end
+
 local ends = head(leases)
 if ends and tonumber(ends) <= now then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, BATCH)) do
     redis.call('ZREM', leases, id)
-    local tk = task_key(id)
+    local tk = K .. ':t:' .. id
     local cur = redis.call('HMGET', tk, 's', 'q', 'p', 'n')
     if cur[1] == 'running' then
       redis.call('HSET', tk, 'l', '')
-      make_ready(tk, id, cur[2], cur[3], cur[4])
+      ready_again(tk, id, cur)
     end
   end
   ends = head(leases)
@@ -35,11 +54,11 @@ local due = head(sched)
 if due and tonumber(due) <= now then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, BATCH)) do
     redis.call('ZREM', sched, id)
-    local tk = task_key(id)
+    local tk = K .. ':t:' .. id
     local cur = redis.call('HMGET', tk, 's', 'q', 'p', 'n')
     if cur[1] == 'scheduled' then
       redis.call('HINCRBY', K .. ':scount', cur[2], -1)
-      make_ready(tk, id, cur[2], cur[3], cur[4])
+      ready_again(tk, id, cur)
     end
   end
   due = head(sched)
@@ -47,13 +66,13 @@ end
 if ARGV[5] ~= '' then
   local before = now - tonumber(ARGV[5])
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K .. ':done', '-inf', before, 'LIMIT', 0, PRUNE)) do
-    forget(id)
+    redis.call('DEL', K .. ':t:' .. id, K .. ':b:' .. id)
     redis.call('ZREM', K .. ':done', id)
   end
 end
 
 local taken, from, claimed, lease_list, payload_keys = 0, {}, {}, {}, {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if taken >= limit then
     break
   end
@@ -64,7 +83,7 @@ for i = 6, #ARGV do
   end
   for j = 1, #popped, 2 do
     local id = string.sub(popped[j], 17)
-    local tk = task_key(id)
+    local tk = K .. ':t:' .. id
     local cur = redis.call('HMGET', tk, 's', 'd', 'e', 'a')
     if cur[1] == 'ready' then
       local attempts = (tonumber(cur[4]) or 0) + 1
@@ -80,8 +99,17 @@ end
 
 local out = { '' }
 if taken > 0 then
-  call_many({ 'ZADD', leases }, lease_list)
-  local payloads = mget(payload_keys)
+  -- In slices of SLICE values: Lua's unpack is bounded by its C stack.
+  for i = 1, #lease_list, SLICE do
+    redis.call('ZADD', leases, unpack(lease_list, i, math.min(i + SLICE - 1, #lease_list)))
+  end
+  local payloads = {}
+  for i = 1, #payload_keys, SLICE do
+    local part = redis.call('MGET', unpack(payload_keys, i, math.min(i + SLICE - 1, #payload_keys)))
+    for j = 1, #part do
+      payloads[i + j - 1] = part[j]
+    end
+  end
   for i, task in ipairs(claimed) do
     out[#out + 1] = task[1]
     out[#out + 1] = payloads[i]
@@ -91,10 +119,10 @@ if taken > 0 then
   end
   if taken >= limit then
     -- Work may be left for other consumers: make sure one of them is awake.
-    for i = 6, #ARGV do
+    for i = 7, #ARGV do
       if redis.call('EXISTS', K .. ':q:' .. ARGV[i]) == 1 then
         if redis.call('LLEN', K .. ':w:' .. ARGV[i]) == 0 then
-          wake(ARGV[i], 1)
+          redis.call('RPUSH', K .. ':w:' .. ARGV[i], '1')
         end
       end
     end
@@ -106,7 +134,7 @@ if taken > 0 then
     -- case of no other lease.)
     for _, queue in ipairs(from) do
       if redis.call('LLEN', K .. ':w:' .. queue) == 0 then
-        wake(queue, 1)
+        redis.call('RPUSH', K .. ':w:' .. queue, '1')
       end
     end
   end

@@ -1,13 +1,15 @@
 -- put: insert tasks as pending, skipping ids that exist in any state.
--- ARGV: K, tasks (msgpack [[id, queue, priority, due time], ...]),
---       then the payload of each task, in the same order
+-- ARGV: K, tasks (msgpack [[id, queue, priority, due time], ...]), the producer's
+--       clock (Unix s), then the payload of each task, in the same order
+-- A task due by the producer's clock is ready at once (always without an eta:
+-- its due time is that clock's "now"); a later one is scheduled, and becomes
+-- ready by the server's clock (claim).
 -- Returns one 1 (inserted) or 0 (known id) per task. Wakes the tasks' queues.
-local now = clock()
-local rows = cmsgpack.unpack(ARGV[2])
+local rows, now = cmsgpack.unpack(ARGV[2]), tonumber(ARGV[3])
 local out, fresh, payloads = {}, {}, {}
 -- The payload key exists exactly as long as the task: it is the idempotency guard.
 if #rows == 1 then
-  local written = redis.call('SET', K .. ':b:' .. rows[1][1], ARGV[3], 'NX')
+  local written = redis.call('SET', K .. ':b:' .. rows[1][1], ARGV[4], 'NX')
   out[1] = written and 1 or 0
   fresh[1] = written and 1 or nil
 else
@@ -24,7 +26,7 @@ else
       out[i] = 1
       fresh[#fresh + 1] = i
       payloads[#payloads + 1] = keys[i]
-      payloads[#payloads + 1] = ARGV[2 + i]
+      payloads[#payloads + 1] = ARGV[3 + i]
     end
   end
   if #payloads > 0 then

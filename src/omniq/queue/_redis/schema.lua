@@ -27,6 +27,8 @@
 --   K:leases      ZSET    running tasks: score lease end (Unix s), member id
 --   K:w:<queue>   LIST    wake-up tokens: idle consumers of the queue BLPOP here;
 --                         a change that makes work claimable pushes (at most WAKE_CAP)
+--   K:wt:<consumer> LIST  a token an idle consumer moved out of K:w:<queue> (BLMOVE),
+--                         taken again at once by the claim sent right behind it
 --   K:failed      ZSET    the dead letter: score n, member id (kept until re-queued)
 --   K:done        ZSET    succeeded, cancelled and expired tasks: score finish time;
 --                         deleted with their hashes once older than the retention
@@ -41,11 +43,13 @@
 --   K:rl:<id>     LIST    the result once more, for those waiters to BLMOVE
 --   K:events      STREAM  task events, trimmed with MAXLEN ~ / MINID ~
 --
--- Times are Unix seconds. "Now" is always the server's clock (TIME): leases,
--- expiry of leases, finish times and the ready-or-scheduled decision never
--- depend on a client's clock, so a host whose clock is off cannot take a task
--- whose lease is still alive. Due times (eta, retry backoff) are wall times that
--- clients compute: keep the hosts' clocks in sync (NTP) for punctual etas.
+-- Times are Unix seconds. "Now" is the server's clock (TIME) for leases, expiry
+-- of leases, finish times and scheduled tasks becoming ready, so a host whose
+-- clock is off cannot take a task whose lease is still alive. Due times (eta,
+-- retry backoff) are wall times that clients compute: keep the hosts' clocks in
+-- sync (NTP) for punctual etas. A task already due by its producer's clock when
+-- it is put (every task without an eta) is ready at once: put and put_one need
+-- no TIME of their own.
 
 local K = ARGV[1]
 

@@ -91,6 +91,10 @@ class AsyncWorker:
         self._stop_requested = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        #: The main loop waits for held tasks to be done with (room to claim more),
+        #: or for the end of a burst: what it waits for must wake it (``_wake``).
+        self._waiting_for_room = False
+        self._burst = False
         self._held: dict[str, Task] = {}  # leased by us: running or waiting to start
         self._waiting: deque[Task] = deque()  # prefetched, not started
         self._active: dict[str, Task] = {}  # running now
@@ -142,6 +146,7 @@ class AsyncWorker:
 
     # -- the loop -----------------------------------------------------------------
     async def _work(self, burst: bool) -> None:
+        self._burst = burst
         while not self._stop_requested.is_set():
             self._start_waiting()
             capacity = self.concurrency + self.prefetch
@@ -205,7 +210,11 @@ class AsyncWorker:
 
     async def _wait_for_change(self) -> None:
         assert self._wake is not None
-        await self._wake.wait()
+        self._waiting_for_room = True
+        try:
+            await self._wake.wait()
+        finally:
+            self._waiting_for_room = False
         self._wake.clear()
 
     # -- one task: start → run → done -------------------------------------------------
@@ -280,8 +289,9 @@ class AsyncWorker:
             self._succeeded(task, value)
         else:
             self._spawn(self._failed(task, value))
-        assert self._wake is not None
-        self._wake.set()
+        if not self._stop_requested.is_set():
+            self._start_waiting()  # a slot is free: the next prefetched task starts now
+        self._room_changed()
         if not self._active and self._idle is not None:
             self._idle.set()
 
@@ -360,8 +370,10 @@ class AsyncWorker:
             self._room_changed()
 
     def _room_changed(self) -> None:
-        """A held task is done with: the main loop may claim more (or end a burst)."""
-        if self._wake is not None:
+        """A task is done with: wake the main loop if it waits for that (room to claim,
+        the end of a burst). A claim waiting for work is left alone: it has room
+        already, and interrupting it would cost a claim round trip for nothing."""
+        if self._wake is not None and (self._waiting_for_room or self._burst):
             self._wake.set()
 
     async def _record_failure(self, task: Task, exc: BaseException) -> None:

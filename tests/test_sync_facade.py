@@ -479,3 +479,15 @@ def test_one_bridge_thread_per_instance(make_omniq: MakeOmniQ) -> None:
     other.close()
     omniq.close()
     assert _bridge_threads() == before
+
+
+def test_tasks_without_options_are_each_their_own() -> None:
+    """``enqueue(f, *args)`` copies a template validated once per function and settings."""
+    with OmniQ("memory://") as omniq:
+        first, second = omniq.build_task(add, 1, 2), omniq.build_task(add, 3, 4)
+        assert first.id != second.id and (first.args, second.args) == ((1, 2), (3, 4))
+        assert first.kwargs is not second.kwargs
+        assert second.enqueued_at >= first.enqueued_at and second.due_at == second.enqueued_at
+        omniq.settings.max_retries = 7
+        assert omniq.build_task(add, 5, 6).max_retries == 7
+        assert omniq.build_task("tests.test_sync_facade:add", 1, 1).func == first.func

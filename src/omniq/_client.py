@@ -52,6 +52,10 @@ class Settings:
         self.store_results = store_results
 
 
+#: How many ``_plain_task`` templates an instance keeps (functions enqueued).
+_PLAIN_TEMPLATES = 256
+
+
 class _Base:
     """What both facades share and that does no I/O: building tasks and events."""
 
@@ -77,6 +81,8 @@ class _Base:
         self.event_log = EventLog(storage) if storage is not None else None
         self.settings = Settings(**settings)
         self.task_queue.observer = self._on_queue_transition
+        #: Validated templates of ``enqueue(func, *args)`` calls without options.
+        self._plain: dict[tuple[Any, ...], Task] = {}
 
     @property
     def serializer(self) -> Serializer:
@@ -88,6 +94,8 @@ class _Base:
         For integrations that store tasks themselves (e.g. enqueue inside the
         application's own database transaction).
         """
+        if not options:
+            return self._plain_task(func, args)
         task_options = {k: v for k, v in options.items() if k in _ENQUEUE_OPTIONS}
         func_kwargs = {k: v for k, v in options.items() if k not in _ENQUEUE_OPTIONS}
         kwargs = _split_options(func_kwargs.pop("kwargs", None), func_kwargs)
@@ -106,6 +114,24 @@ class _Base:
         task.id = task_id or new_task_id()
         task.args, task.kwargs = tuple(args), kwargs
         return task
+
+    def _plain_task(self, func: Callable[..., Any] | str, args: tuple[Any, ...]) -> Task:
+        """``build_task`` without options, the usual ``enqueue(f, *args)``: a copy of a
+        template validated once per function (and settings)."""
+        settings = self.settings
+        key = (func, settings.max_retries, settings.timeout, settings.result_ttl)
+        try:
+            template = self._plain.get(key)
+        except TypeError:  # an unhashable callable: no template
+            return self._build_task(func, args, {})
+        if template is None:
+            if len(self._plain) >= _PLAIN_TEMPLATES:
+                self._plain.clear()
+            template = self._plain[key] = self._task_template(func)
+        now = time.time()
+        return msgspec.structs.replace(
+            template, id=new_task_id(), args=args, kwargs={}, enqueued_at=now, due_at=now
+        )
 
     def _build_tasks(
         self, func: Callable[..., Any] | str, calls: Iterable[Sequence[Any]], **options: Any

@@ -15,33 +15,36 @@ from plain threads (the sync facade's ``enqueue``) use a connection per thread.
 Every call rides out a server restart: connection errors are retried with
 backoff for ``retry_timeout`` seconds, and a script the server forgot
 (``NOSCRIPT``) is loaded again.
+
+The connector's parts live beside it: ``settings`` (where the server is),
+``link`` (the pipelined asyncio connection) and ``blocking`` (a thread's
+connection); ``scripts`` and ``doorbell`` build on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
-import socket
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from types import ModuleType
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..._errors import ConfigurationError, MissingDependencyError
+from ..._errors import MissingDependencyError
+from .blocking import BlockingConnection, DriverConnection, SocketConnection
+from .link import Link
+from .scripts import Script
+from .settings import RedisSettings
+
+if TYPE_CHECKING:
+    from .doorbell import Doorbell
 
 log = logging.getLogger("omniq.redis")
 
 T = TypeVar("T")
 INSTALL_HINT = "pip install 'omniq[redis]'"
-DEFAULT_PORT = 6379
 #: First and longest pause between attempts while the server is unreachable.
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 #: Bounds of one blocking wait on the server (seconds). The upper one stays well
@@ -49,7 +52,6 @@ RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 MIN_BLOCK, MAX_BLOCK = 0.05, 5.0
 #: Idle links kept per loop for blocking commands (more are closed after use).
 _IDLE_LINKS = 8
-_URL_OPTIONS = ("db", "prefix", "ssl_cert_reqs", "ssl_ca_certs", "socket_timeout")
 
 #: How many times this process's ancestry forked: a thread's blocking connection
 #: belongs to the process that opened it. (Cheaper than ``os.getpid()``, a system
@@ -100,7 +102,7 @@ def _error_parser(redis: ModuleType) -> Callable[[str], Exception]:
     return parse
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def retrieve_exception(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (nobody awaits it any more)."""
     if not future.cancelled():
         future.exception()
@@ -118,149 +120,6 @@ def raise_swallowed_cancel() -> None:
     cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
     if cancelling is not None and cancelling():
         raise asyncio.CancelledError
-
-
-# -- settings ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RedisSettings:
-    """Where the server is and how to reach it; no I/O."""
-
-    host: str = "localhost"
-    port: int = DEFAULT_PORT
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    ssl: bool = False
-    ssl_cert_reqs: str = "required"
-    ssl_ca_certs: str | None = None
-    socket_timeout: float | None = 30.0
-    socket_connect_timeout: float = 5.0
-
-    def client_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "db": self.db,
-            "username": self.username,
-            "password": self.password,
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_connect_timeout,
-            "socket_keepalive": True,
-        }
-        if self.ssl:
-            options.update(
-                ssl=True, ssl_cert_reqs=self.ssl_cert_reqs, ssl_ca_certs=self.ssl_ca_certs
-            )
-        return options
-
-    def __str__(self) -> str:
-        """The server as a URL, without the password."""
-        scheme = "rediss" if self.ssl else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
-
-
-def redis_settings(
-    host: str,
-    port: int,
-    *,
-    db: int,
-    username: str | None,
-    password: str | None,
-    ssl: bool,
-    url: str | None,
-) -> tuple[RedisSettings, str | None]:
-    """Settings from keyword arguments, or from ``url`` when one is given.
-
-    Returns them with the key prefix the URL names (``?prefix=``), if any.
-    """
-    if url is None:
-        return RedisSettings(host, int(port), int(db), username, password, bool(ssl)), None
-    return _parse_url(url)
-
-
-def _parse_url(url: str) -> tuple[RedisSettings, str | None]:
-    """``redis://[[user]:password@]host[:port][/db][?option=value&...]``, ``rediss://`` for TLS."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"not a redis:// or rediss:// URL: {url!r}")
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise ConfigurationError(f"{url!r}: bad port ({exc})") from None
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(query) - set(_URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(
-            f"{url!r}: unknown option {', '.join(unknown)}; URLs take {', '.join(_URL_OPTIONS)}"
-        )
-    path = parts.path.strip("/")
-    db_text = query.get("db", path or "0")
-    if path and "db" in query and path != query["db"]:
-        raise ConfigurationError(f"{url!r} names two databases")
-    if not db_text.isdigit():
-        raise ConfigurationError(f"{url!r}: the database must be a number, not {db_text!r}")
-    options: dict[str, Any] = {}
-    if "ssl_cert_reqs" in query:
-        options["ssl_cert_reqs"] = query["ssl_cert_reqs"]
-    if "ssl_ca_certs" in query:
-        options["ssl_ca_certs"] = query["ssl_ca_certs"]
-    if "socket_timeout" in query:
-        options["socket_timeout"] = float(query["socket_timeout"])
-    settings = RedisSettings(
-        host=unquote(parts.hostname or "localhost"),
-        port=port,
-        db=int(db_text),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        ssl=parts.scheme == "rediss",
-        **options,
-    )
-    return settings, query.get("prefix") or None
-
-
-# -- scripts ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Script:
-    name: str
-    source: str
-    sha: str
-    #: Changes data: reads through ``fence()`` wait for it (see ``RedisConnector.eval``).
-    writes: bool
-
-
-_HELPERS = "-- Helpers."
-_DEFINES = re.compile(r"^local (?:function )?(\w+)", re.MULTILINE)
-_COMMENT = re.compile(r"--[^\n]*")
-
-
-def load_script(name: str, *, header: bool = True, writes: bool = True) -> Script:
-    """``<name>.lua`` from this package, after ``schema.lua`` (the key schema and helpers)."""
-    folder = resources.files(__package__)
-    source = folder.joinpath(f"{name}.lua").read_text()
-    if header:
-        source = _with_helpers(folder.joinpath("schema.lua").read_text(), source)
-    return Script(name, source, hashlib.sha1(source.encode()).hexdigest(), writes)
-
-
-def _with_helpers(schema: str, body: str) -> str:
-    """The schema's prologue, the helpers ``body`` uses (directly or through others), ``body``."""
-    prologue, mark, rest = schema.partition(_HELPERS)
-    intro, _, helpers = rest.partition("\n\n")
-    blocks: list[tuple[str, str]] = []
-    for block in helpers.strip().split("\n\n"):
-        defined = _DEFINES.search(block)
-        assert defined is not None, f"schema.lua: a helper block defines nothing: {block!r}"
-        blocks.append((defined.group(1), block))
-    used: set[str] = set()
-    code = _COMMENT.sub("", body)
-    while True:
-        more = {n for n, b in blocks if n not in used and re.search(rf"\b{n}\b", code)}
-        if not more:
-            break
-        used |= more
-        code += "".join(_COMMENT.sub("", b) for n, b in blocks if n in more)
-    kept = "".join(block + "\n\n" for n, block in blocks if n in used)
-    return f"{prologue}{mark}{intro}\n\n{kept}{body}"
 
 
 # -- one loop's client ------------------------------------------------------------------------
@@ -316,107 +175,6 @@ class LoopClient:
             if link is not None:
                 link.close()
         await self.client.aclose()
-
-
-class Link(asyncio.Protocol):
-    """One pipelined connection of a loop, for commands the server answers at once.
-
-    Each request is written as it is made and its reply resolves its future, in
-    order: concurrent calls share one socket with no pool checkout, lock or
-    per-call bookkeeping in the driver (a third of the CPU of redis-py's
-    asyncio client per call), and the server runs them in the order they were
-    made. A caller cancelled while waiting leaves its reply to be read and
-    dropped: the connection stays usable. Blocking commands never go here, as
-    every reply behind them would wait too.
-    """
-
-    def __init__(self, connector: RedisConnector) -> None:
-        import hiredis
-
-        self._errors = connector._redis.exceptions
-        self._reader = hiredis.Reader(replyError=connector._parse_error)
-        self._timeout = connector.settings.socket_timeout
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._pending: deque[asyncio.Future[Any]] = deque()
-        self._sent: deque[float] = deque()  # when each pending request was written
-        self._watchdog: asyncio.TimerHandle | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-    def request(self, packed: bytes) -> asyncio.Future[Any]:
-        """Send one packed command; the future gets its reply (an error reply raises)."""
-        if self.closed or self._transport is None:
-            raise self._errors.ConnectionError("the connection to Redis was closed")
-        future = self._loop.create_future()
-        self._pending.append(future)
-        if self._timeout is not None:
-            self._sent.append(self._loop.time())
-            if self._watchdog is None:
-                self._watchdog = self._loop.call_at(self._sent[0] + self._timeout, self._expire)
-        self._transport.write(packed)
-        return future
-
-    def data_received(self, data: bytes) -> None:
-        reader, pending, sent = self._reader, self._pending, self._sent
-        reader.feed(data)
-        while pending:
-            try:
-                reply = reader.gets()
-            except Exception as exc:  # a protocol error: nothing after it can be trusted
-                self._abort(self._errors.ConnectionError(f"bad reply from Redis: {exc}"))
-                return
-            if reply is False:
-                return
-            future = pending.popleft()
-            if sent:
-                sent.popleft()
-            if future.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    def _expire(self) -> None:
-        """No reply within the socket timeout: the connection is dead or the server hangs."""
-        self._watchdog = None
-        if not self._sent or self._timeout is None:
-            return
-        if self._loop.time() - self._sent[0] >= self._timeout:
-            self._abort(self._errors.TimeoutError("Timeout reading from Redis"))
-        else:
-            self._watchdog = self._loop.call_at(self._sent[0] + self._timeout, self._expire)
-
-    def _abort(self, error: Exception) -> None:
-        self._fail(error)
-        if self._transport is not None:
-            self._transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(self._errors.ConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
-
-    def _fail(self, error: Exception) -> None:
-        self.closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        pending, self._pending = self._pending, deque()
-        self._sent.clear()
-        for future in pending:
-            if not future.done():
-                future.set_exception(error)
-
-    def close(self) -> None:
-        self._fail(self._errors.ConnectionError("the connection to Redis was closed"))
-        if self._transport is not None:
-            self._transport.close()
 
 
 class RedisConnector:
@@ -604,7 +362,7 @@ class RedisConnector:
                     return [await future for future in futures]
                 except BaseException:
                     for future in futures:
-                        future.add_done_callback(_retrieve)
+                        future.add_done_callback(retrieve_exception)
                     raise
             except self.retryable as exc:
                 deadline, delay = await self._pause(exc, deadline, delay)
@@ -777,232 +535,3 @@ class RedisConnector:
                 self._idle.append(entry)
         for _, conn in threads:
             conn.disconnect()
-
-
-class BlockingConnection:
-    """One thread's connection for blocking calls: ``call`` sends a command and
-    returns its reply (an error reply raises); ``disconnect`` drops the socket,
-    and the next call connects again."""
-
-    def call(self, command: tuple[Any, ...]) -> Any:
-        raise NotImplementedError
-
-    def disconnect(self) -> None:
-        raise NotImplementedError
-
-
-class DriverConnection(BlockingConnection):
-    """A redis-py connection (TLS, or no hiredis)."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    def call(self, command: tuple[Any, ...]) -> Any:
-        self._conn.send_command(*command, check_health=False)
-        return self._conn.read_response()
-
-    def disconnect(self) -> None:
-        self._conn.disconnect()
-
-
-class SocketConnection(BlockingConnection):
-    """A plain socket and a hiredis reader: the sync ``enqueue``'s round trip with
-    nothing around the two system calls (the blocking twin of ``Link``)."""
-
-    def __init__(self, connector: RedisConnector) -> None:
-        import hiredis
-
-        assert connector._pack is not None
-        self._pack = connector._pack
-        self._settings = connector.settings
-        self._errors = connector._redis.exceptions
-        self._parse_error = connector._parse_error
-        self._reader = hiredis.Reader(replyError=self._parse_error)
-        self._sock: socket.socket | None = None
-        self._buffer = bytearray(65536)
-
-    def _connect(self) -> socket.socket:
-        s = self._settings
-        try:
-            sock = socket.create_connection((s.host, s.port), s.socket_connect_timeout)
-        except TimeoutError as exc:
-            raise self._errors.TimeoutError(f"connecting to {s}: timed out") from exc
-        except OSError as exc:
-            raise self._errors.ConnectionError(f"connecting to {s}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.settimeout(s.socket_timeout)
-        import hiredis
-
-        self._sock, self._reader = sock, hiredis.Reader(replyError=self._parse_error)
-        try:
-            if s.password is not None:
-                user = () if s.username is None else (s.username,)
-                self.call(("AUTH", *user, s.password))
-            if s.db:
-                self.call(("SELECT", s.db))
-        except BaseException:
-            self.disconnect()
-            raise
-        return sock
-
-    def call(self, command: tuple[Any, ...]) -> Any:
-        sock = self._sock or self._connect()
-        reader, buffer = self._reader, self._buffer
-        try:
-            sock.sendall(self._pack(command))
-            reply = reader.gets()
-            while reply is False:
-                size = sock.recv_into(buffer)
-                if not size:
-                    raise self._errors.ConnectionError("Redis closed the connection")
-                reader.feed(buffer, 0, size)  # type: ignore[arg-type]  # any buffer will do
-                reply = reader.gets()
-        except TimeoutError as exc:
-            self.disconnect()
-            raise self._errors.TimeoutError("Timeout talking to Redis") from exc
-        except OSError as exc:
-            self.disconnect()
-            raise self._errors.ConnectionError(f"Error talking to Redis: {exc}") from exc
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    def disconnect(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
-#: Builds the claim a wake-up carries (see ``Doorbell.ahead``).
-Ahead = Callable[[], tuple[bytes, Callable[[Any], None]]]
-
-
-class Doorbell:
-    """Blocking on wake-up lists (BLPOP), shared by every waiter on one loop.
-
-    One BLPOP at a time per list of keys and loop, however many coroutines
-    wait. A waiter that gives up (timeout, cancel) never cancels the Redis call,
-    since cancelling a blocking command costs its connection; a token that
-    arrives when nobody waits any more is pushed back for other consumers.
-    A connection error wakes every waiter: their next claim retries with
-    backoff until the server is back.
-
-    With ``ahead`` set (one list, and a ``Link``), a wake-up carries a claim:
-    the bell moves the token into its own list (``token_key``) with BLMOVE and
-    sends the claim right behind it, which the server runs as soon as the token
-    arrives; ``ahead``'s second half takes the claimed tasks before the waiters
-    wake. No round trip between the wake-up and the claim.
-    """
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self.keys = keys
-        self._waiters: dict[asyncio.Future[None], float] = {}
-        self._task: asyncio.Task[None] | None = None
-        #: The bell's own connection for its BLPOP (with ``Link`` support).
-        self.link: Link | None = None
-        #: Returns the packed claim to send behind a wake-up, and what takes its reply.
-        self.ahead: Ahead | None = None
-        #: This consumer's token list, ``K:wt:<consumer>``, where a wake-up moves its token.
-        self.token_key: str | None = None
-
-    async def wait(self, entry: LoopClient, connector: RedisConnector, timeout: float) -> None:
-        """Until a token arrives (or an error), at most ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiters[future] = loop.time() + timeout
-        if self._task is None:
-            self._task = loop.create_task(self._listen(entry, connector))
-            entry.tasks.add(self._task)
-        try:
-            await asyncio.wait({future}, timeout=timeout)
-        finally:
-            self._waiters.pop(future, None)
-        if future.done():
-            future.result()  # raises what the listener met
-
-    def _ring(self, error: BaseException | None = None) -> None:
-        """Wake every waiter; they stop counting as waiting at once."""
-        waiters, self._waiters = self._waiters, {}
-        for future in waiters:
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-
-    async def _listen(self, entry: LoopClient, connector: RedisConnector) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._waiters:
-                block = max(self._waiters.values()) - loop.time()
-                block = min(max(block, MIN_BLOCK), MAX_BLOCK)
-                try:
-                    # BLPOP on a connection of the bell's own: with a Link, a wake-up
-                    # costs a third of the CPU it costs through redis-py's pool.
-                    link = self.link
-                    if connector._linked and (link is None or link.closed):
-                        link = self.link = await connector.connect_link()
-                    if link is not None and self.ahead is not None and len(self.keys) == 1:
-                        reply = await self._wake_and_claim(connector, link, block)
-                        if reply is not None and not self._waiters:
-                            continue  # the claim took the token: nothing to hand back
-                    else:
-                        command = ("BLPOP", *self.keys, block)
-                        reply = await connector.blocking_command(entry, link, *command)
-                except connector.retryable:
-                    self._ring()
-                    return
-                except connector.error as exc:
-                    self._ring(exc)
-                    return
-                raise_swallowed_cancel()
-                if reply is None:
-                    continue
-                if self._waiters:
-                    self._ring()
-                else:
-                    await self._hand_back(entry, connector, reply)
-        finally:
-            self._task = None
-            self._ring()  # nobody sleeps on a listener that is gone
-            task = asyncio.current_task()
-            if task is not None:
-                entry.tasks.discard(task)
-            if entry.closed and self.link is not None:
-                self.link.close()  # in case the shutdown closed the others before
-
-    async def _wake_and_claim(self, connector: RedisConnector, link: Link, block: float) -> Any:
-        """BLMOVE a token into our list, and the claim right behind it; the token
-        (None: timed out). The claim's reply goes to ``ahead``'s taker."""
-        assert self.ahead is not None and self.token_key is not None and connector._pack
-        claim, take = self.ahead()
-        wait = ("BLMOVE", self.keys[0], self.token_key, "LEFT", "LEFT", block)
-        moved = link.request(connector._pack(wait))
-        claimed = link.request(claim)
-        try:
-            token = await moved
-        except BaseException:
-            claimed.add_done_callback(_retrieve)  # fails or lands with the connection
-            raise
-        try:
-            take(await claimed)
-        except connector.retryable:
-            raise
-        except connector.error as exc:  # NOSCRIPT after a restart: the waiters claim
-            log.debug("the claim of a wake-up failed: %s", exc)
-            if token is not None:  # give the token back to the queue's list
-                back = ("LMOVE", self.token_key, self.keys[0], "LEFT", "LEFT")
-                await link.request(connector._pack(back))
-        return token
-
-    async def _hand_back(
-        self, entry: LoopClient, connector: RedisConnector, reply: Sequence[Any]
-    ) -> None:
-        try:
-            await connector.blocking_command(entry, self.link, "LPUSH", reply[0], reply[1])
-        except connector.error as exc:
-            log.debug("could not hand a wake-up token back: %s", exc)

@@ -8,6 +8,7 @@ cover what only this backend has.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from omniq import AsyncOmniQ, ConfigurationError, OmniQ, TaskStatus, _fs
+from omniq import AsyncOmniQ, ConfigurationError, OmniQ, TaskStatus, _fs, _objectqueue, _packs
 from omniq.events import Event, EventType, JSONLEventStorage
 from omniq.queue import FileTaskQueue
 from omniq.results.base import TaskResult
@@ -289,6 +290,9 @@ async def test_fsync_syncs_the_record_and_the_directories(
         assert len(synced) == 3  # the record, its ready directory, the ids directory
         task = await durable.dequeue()
         assert task is not None and await durable.ack(task)
+        synced.clear()
+        await durable.enqueue_many([make_task(), make_task(), make_task(due_at=time.time() + 60)])
+        assert len(synced) == 4  # the pack, the ready and sched directories, the ids directory
     synced.clear()
     async with FileTaskQueue(tmp_path / "fast") as fast:
         await fast.enqueue(make_task())
@@ -309,6 +313,188 @@ async def test_an_enqueue_that_died_halfway_is_replaced(tmp_path: Path) -> None:
         young = tmp_path / "ids" / "order-8"
         young.write_bytes(b"")  # an enqueue in progress right now: the id is taken
         assert await queue.enqueue_many([make_task(id="order-8")]) == [False]
+
+
+# -- packs: many tasks in one file, two names each ------------------------------------------
+
+
+async def test_a_batch_is_one_file_with_two_names_per_task(tmp_path: Path) -> None:
+    async with FileTaskQueue(tmp_path) as queue:
+        tasks = [make_task(args=(i,), priority=i % 2) for i in range(5)]
+        assert await queue.enqueue_many(tasks) == [True] * 5
+        records = [os.stat(tmp_path / "ids" / task.id) for task in tasks]
+        assert len({record.st_ino for record in records}) == 1
+        assert records[0].st_nlink == 10  # an id and a state name per task
+        assert os.listdir(tmp_path / "tmp") == []  # its stage name is gone: complete
+        got = await queue.dequeue_many(5)
+        assert [task.args for task in got] == [(1,), (3,), (0,), (2,), (4,)]
+        stored = await queue.get_task(tasks[2].id)
+        assert stored is not None and stored.args == (2,)
+        assert await queue.enqueue_many(tasks[:2]) == [False, False]
+
+
+async def test_single_enqueues_append_to_one_open_pack(tmp_path: Path) -> None:
+    queue = FileTaskQueue(tmp_path)
+    for i in range(3):
+        await queue.enqueue(make_task(id=f"t{i}", args=(i,)))
+    assert len({os.stat(tmp_path / "ids" / f"t{i}").st_ino for i in range(3)}) == 1
+    assert len(os.listdir(tmp_path / "tmp")) == 1  # the open pack's stage name
+    assert [task.args for task in await queue.dequeue_many(3)] == [(0,), (1,), (2,)]
+    await queue.close()
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+KILLED_BATCH = """
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    from omniq.queue import FileTaskQueue
+    from omniq.testing.contract import make_task
+
+    base, links, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    real_link, calls = os.link, []
+
+
+    def link(source, target, **dir_fds):
+        calls.append(target)
+        if len(calls) > links:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_link(source, target, **dir_fds)
+
+
+    async def main():
+        tasks = [make_task(id=f"b{i}", args=(i,)) for i in range(total)]
+        if total > 6:  # a duplicate id, refused: the pack holds it twice
+            tasks[total // 4] = make_task(id="b0", args=(-1,))
+        async with FileTaskQueue(base) as queue:
+            os.link = link
+            await queue.enqueue_many(tasks)
+
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("repair_by", ["enqueue of its id", "worker's prune"])
+async def test_an_enqueue_many_killed_halfway_is_completed(
+    procs: Processes, tmp_path: Path, repair_by: str
+) -> None:
+    """kill -9 between a task's id and its state name: a repair links the state name."""
+    procs.write("killed.py", KILLED_BATCH)
+    base = tmp_path / "queue"
+    child = procs.start("killed.py", base, 5, 6)  # ids b0, ready b0, ids b1, ready b1, ids b2
+    assert child.wait() == -signal.SIGKILL, child.describe()
+    [stage] = os.listdir(base / "tmp")
+    assert os.stat(base / "tmp" / stage).st_nlink == 6
+    async with FileTaskQueue(base) as queue:
+        assert [t.id for t in await queue.dequeue_many(10)] == ["b0", "b1"]
+        assert await queue.enqueue(make_task(id="b2")) == "b2"  # young: maybe in progress
+        assert await queue.dequeue_many(10) == []
+        old = time.time() - 3600
+        os.utime(base / "tmp" / stage, (old, old))
+        if repair_by == "enqueue of its id":
+            assert await queue.enqueue_many([make_task(id="b2"), make_task(id="b3")]) == [
+                False, True]  # fmt: skip
+            expected = [("b2", (2,)), ("b3", ())]
+        else:
+            async with FileTaskQueue(base) as worker:  # its first claim prunes
+                got = await worker.dequeue_many(10)
+                assert [(t.id, t.args) for t in got] == [("b2", (2,))]
+            assert await queue.enqueue_many([make_task(id=f"b{i}") for i in range(5)]) == [
+                False, False, False, True, True]  # fmt: skip
+            expected = [("b3", ()), ("b4", ())]
+        assert [(t.id, t.args) for t in await queue.dequeue_many(10)] == expected
+        assert [name for name in os.listdir(base / "tmp") if name == stage] == []
+    assert os.listdir(base / "tmp") == []
+
+
+@pytest.mark.parametrize("links", [1, 300, 777])
+async def test_a_big_enqueue_many_killed_halfway_runs_each_task_with_an_id_once(
+    procs: Processes, tmp_path: Path, links: int
+) -> None:
+    """A big batch links ids in a helper thread ahead of the state names: a kill -9
+    leaves many ids without one, and the repair links them all (once each, a duplicate
+    id in the batch included)."""
+    procs.write("killed.py", KILLED_BATCH)
+    base, total = tmp_path / "queue", 600
+    child = procs.start("killed.py", base, links, total)
+    assert child.wait() == -signal.SIGKILL, child.describe()
+    [stage] = os.listdir(base / "tmp")
+    with_id = {f"b{i}" for i in range(total) if (base / "ids" / f"b{i}").exists()}
+    assert 0 < len(with_id) < total
+    old = time.time() - 3600
+    os.utime(base / "tmp" / stage, (old, old))
+    async with FileTaskQueue(base) as queue:
+        got = await queue.dequeue_many(total)
+        assert sorted(t.id for t in got) == sorted(with_id)
+        assert all(t.args == (int(t.id[1:]),) for t in got)
+        assert f"b{total // 4}" not in with_id
+        again = await queue.enqueue_many([make_task(id=f"b{i}") for i in range(total)])
+        assert [f"b{i}" for i in range(total) if not again[i]] == sorted(
+            with_id, key=lambda key: int(key[1:]))  # fmt: skip
+    assert os.listdir(base / "tmp") == []
+
+
+async def test_a_big_enqueue_many_that_fails_halfway_takes_back_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link, states = os.link, []
+
+    def link(source: Any, target: Any, **dir_fds: Any) -> None:
+        if "." in str(target):  # a state name (ids here have no dot)
+            states.append(target)
+            if len(states) == 400:
+                raise OSError(errno.EIO, "disk error")
+        real_link(source, target, **dir_fds)
+
+    async with FileTaskQueue(tmp_path) as queue:
+        tasks = [make_task(id=f"c{i}") for i in range(600)]
+        monkeypatch.setattr(os, "link", link)
+        with pytest.raises(OSError, match="disk error"):
+            await queue.enqueue_many(tasks)
+        monkeypatch.setattr(os, "link", real_link)
+        assert sorted(os.listdir(tmp_path / "ids")) == sorted(f"c{i}" for i in range(399))
+        got = await queue.dequeue_many(600)
+        assert [t.id for t in got] == [f"c{i}" for i in range(399)]
+        assert await queue.enqueue_many(tasks) == [False] * 399 + [True] * 201
+        assert len(await queue.dequeue_many(600)) == 201
+
+
+@pytest.mark.parametrize("keep_open", [True, False], ids=["local disk", "shared disk"])
+async def test_an_idle_pack_taken_by_a_repair_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_open: bool
+) -> None:
+    """A producer idle for over a minute finds its open pack repaired away: a new one."""
+    monkeypatch.setattr(_packs, "is_local_disk", lambda path: keep_open)
+    async with FileTaskQueue(tmp_path) as producer, FileTaskQueue(tmp_path) as worker:
+        await producer.enqueue(make_task(id="one"))
+        [stage] = os.listdir(tmp_path / "tmp")
+        old = time.time() - 3600
+        os.utime(tmp_path / "tmp" / stage, (old, old))
+        got = await worker.dequeue()  # its first claim prunes: the pack looks abandoned
+        assert got is not None and got.id == "one"
+        assert os.listdir(tmp_path / "tmp") == []
+        await producer.enqueue(make_task(id="two", args=(2,)))
+        got = await worker.dequeue()
+        assert got is not None and (got.id, got.args) == ("two", (2,))
+        assert len(os.listdir(tmp_path / "tmp")) == 1
+
+
+async def test_a_damaged_pack_fails_its_tasks_and_the_queue_goes_on(tmp_path: Path) -> None:
+    async with FileTaskQueue(tmp_path) as queue:
+        tasks = [make_task() for _ in range(3)]
+        await queue.enqueue_many(tasks)
+        os.truncate(tmp_path / "ids" / tasks[0].id, 30)  # within its header
+        await queue.enqueue(make_task(id="fine"))
+        assert [t.id for t in await queue.dequeue_many(10)] == ["fine"]
+        failed = await queue.failed_tasks()
+        assert sorted(t.id for t in failed) == sorted(t.id for t in tasks)
+        assert all("corrupt payload" in (t.error or "") for t in failed)
+        assert await queue.get_task(tasks[0].id) is None  # its record cannot be read
+        assert await queue.enqueue(make_task(id="after")) == "after"
+        assert [t.id for t in await queue.dequeue_many(10)] == ["after"]
 
 
 async def test_url_configuration_uses_files_for_tasks_and_results(tmp_path: Path) -> None:
@@ -360,6 +546,29 @@ async def test_local_results_prune_expired_files(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+async def test_local_results_of_a_batch_share_one_file(tmp_path: Path) -> None:
+    """Results that expire together are one file under many names; each is replaced
+    or deleted on its own."""
+    folder = tmp_path / "results"
+
+    def result(task_id: str, value: bytes) -> TaskResult:
+        return TaskResult(task_id=task_id, succeeded=True, value=value)
+
+    async with FileResultStorage(tmp_path) as store:
+        batch = [(result(f"r{i}", b"%d" % i), 60.0) for i in range(3)]
+        await store.set_many([*batch, (result("kept", b"k"), None)])
+        stats = [os.stat(folder / f"r{i}") for i in range(3)]
+        assert len({st.st_ino for st in stats}) == 1 and stats[0].st_nlink == 3
+        assert stats[0].st_mtime > time.time() + 50  # the modification time is the expiry
+        assert os.stat(folder / "kept").st_ino != stats[0].st_ino
+        assert os.listdir(folder / ".tmp") == []
+        await store.set_many([(result("r1", b"new"), 60.0), (result("r5", b"5"), 60.0)])
+        await store.delete("r0")
+        values = {key: await store.get(key) for key in ("r0", "r1", "r2", "r5", "kept")}
+        assert {key: found and found.value for key, found in values.items()} == {
+            "r0": None, "r1": b"new", "r2": b"2", "r5": b"5", "kept": b"k"}  # fmt: skip
+
+
 # -- object stores ------------------------------------------------------------------------
 
 
@@ -380,7 +589,7 @@ async def test_stale_markers_are_cleaned_and_tasks_still_flow(
             got = await queue.dequeue()
             assert got is not None and got.id == task.id
             assert fs.exists(dead)  # too young to call stale: it may be a write in flight
-            monkeypatch.setattr(_fs, "STALE_SECONDS", -1.0)
+            monkeypatch.setattr(_objectqueue, "STALE_SECONDS", -1.0)
             assert await queue.dequeue() is None
             assert not fs.exists(dead)
     finally:

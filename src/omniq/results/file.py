@@ -1,4 +1,4 @@
-"""Result storage as files: one file (or object) per result, with its expiry, over fsspec."""
+"""Result storage as files: one name (or object) per result, with its expiry, over fsspec."""
 
 from __future__ import annotations
 
@@ -26,9 +26,43 @@ _WAIT_CHUNK = 3600.0
 #: The modification time of a local result that never expires (year 2242): prunes skip it.
 _NEVER = float(2**33)
 
+#: Files in ``results/.tmp`` this old were left by writers that died.
+_LEFT_SECONDS = 3600.0
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+#: A pack: this, then a msgpack map of result name to its encoded entry.
+_PACK = b"\0omniq-results1\n"
+
 _Entry = tuple[float | None, TaskResult]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(_Entry).decode
+_decode_pack = msgspec.msgpack.Decoder(dict[str, bytes]).decode
+
+
+def _entry(data: bytes, name: str) -> _Entry | None:
+    """The ``(expires_at, result)`` of result ``name`` in a file's ``data``; None if
+    the file is not readable as one (or a pack without it)."""
+    try:
+        if data.startswith(_PACK):
+            data = _decode_pack(memoryview(data)[len(_PACK) :]).get(name, b"")
+        entry: _Entry = _decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return entry
+
+
+def _write_file(path: str, data: bytes, stamp: float) -> None:
+    """Create ``path`` (exclusively: a name left by a writer that died is replaced)
+    holding ``data``, with modification time ``stamp`` (the expiry)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, _WRITE, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.utime(path, (stamp, stamp))
 
 
 class FileResultStorage(ResultStorage):
@@ -36,7 +70,9 @@ class FileResultStorage(ResultStorage):
 
     ``base_dir`` is a local path, ``file://`` or any fsspec URL (``s3://bucket/prefix``;
     ``storage_options`` go to fsspec). Writes replace the whole file at once (a local
-    rename, a single PUT), so a reader sees the old or the new result, never a torn one.
+    rename or link, a single PUT), so a reader sees the old or the new result, never a
+    torn one. Locally, the results of one ``set_many`` that expire together are one
+    file linked under each of their names (one file created per batch).
 
     Expiry is checked on every read. Local files carry their expiry as modification
     time, so a prune (at most once a minute, in a thread) is one directory scan; on
@@ -110,15 +146,36 @@ class FileResultStorage(ResultStorage):
             await self._prune(now)
 
     def _write_local(self, entries: list[tuple[str, float | None, TaskResult]]) -> None:
+        """Each result a file of its own, or the results of a batch that expire together
+        one file (a pack) under as many names (hard links): one file created per batch."""
         directory = self._dir()
         self._local_bell()
+        writer = f"{os.getpid()}.{threading.get_ident()}"
+        groups: dict[float | None, dict[str, bytes]] = {}
         for name, expires, result in entries:
-            tmp = os.path.join(directory, ".tmp", f"{name}.{os.getpid()}.{threading.get_ident()}")
-            with open(tmp, "wb") as file:
-                file.write(_encode((expires, result)))
+            groups.setdefault(expires, {})[name] = _encode((expires, result))
+        for expires, group in groups.items():
             stamp = _NEVER if expires is None else expires
-            os.utime(tmp, (stamp, stamp))
-            os.replace(tmp, os.path.join(directory, name))
+            if len(group) == 1:
+                [(name, data)] = group.items()
+                tmp = f"{directory}/.tmp/{name}.{writer}"
+                _write_file(tmp, data, stamp)
+                os.replace(tmp, f"{directory}/{name}")
+                continue
+            stage = f"{directory}/.tmp/pack.{writer}.{time.time_ns():x}"
+            _write_file(stage, _PACK + _encode(group), stamp)
+            try:
+                for name in group:
+                    try:
+                        os.link(stage, f"{directory}/{name}")
+                    except FileExistsError:  # a result written before: replaced whole
+                        tmp = f"{directory}/.tmp/{name}.{writer}"
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(tmp)
+                        os.link(stage, tmp)
+                        os.replace(tmp, f"{directory}/{name}")
+            finally:
+                os.unlink(stage)
 
     async def _write_remote(self, entries: list[tuple[str, float | None, TaskResult]]) -> None:
         store = self._remote()
@@ -140,15 +197,10 @@ class FileResultStorage(ResultStorage):
                 data = None
         else:
             data = await self._remote().read(f"{self._root}/{name}")
-        if data is None:
+        entry = None if data is None else _entry(data, name)
+        if entry is None or (entry[0] is not None and entry[0] <= time.time()):
             return None
-        try:
-            expires, result = _decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        if expires is not None and expires <= time.time():
-            return None
-        found: TaskResult = result
+        found: TaskResult = entry[1]
         return found
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
@@ -205,6 +257,11 @@ class FileResultStorage(ResultStorage):
         await store.delete([f"{folder}/{name}"])
 
     def _prune_local(self, now: float) -> None:
+        with os.scandir(os.path.join(self._dir(), ".tmp")) as entries:
+            for entry in entries:  # left by writers that died (mtimes are expiries)
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_ctime < now - _LEFT_SECONDS:
+                        os.unlink(entry.path)
         with os.scandir(self._dir()) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or not entry.is_file():
@@ -217,11 +274,8 @@ class FileResultStorage(ResultStorage):
     @staticmethod
     def _expired(path: str, now: float) -> bool:
         with open(path, "rb") as file:
-            try:
-                expires, _ = _decode(file.read())
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return False
-        return expires is not None and expires <= now
+            entry = _entry(file.read(), os.path.basename(path))
+        return entry is not None and entry[0] is not None and entry[0] <= now
 
     async def close(self) -> None:
         with self._lock:

@@ -269,19 +269,25 @@ async def test_idle_dequeue_blocks_on_the_server_instead_of_polling(
     assert calls.count("claim") <= 3
 
 
+async def waiting_dequeue(consumer: RedisTaskQueue | Any) -> asyncio.Future[Any]:
+    """``consumer.dequeue`` started, once it waits (it looked and found nothing)."""
+    looked = asyncio.Event()
+    original = consumer._wait
+
+    async def signalling_wait(*args: Any) -> None:
+        looked.set()
+        await original(*args)
+
+    consumer._wait = signalling_wait  # type: ignore[method-assign]
+    waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
+    await looked.wait()
+    return waiter
+
+
 async def test_a_waiting_dequeue_is_woken_by_another_instance(make_queue: MakeQueue) -> None:
     consumer, producer = make_queue(), make_queue()
     try:
-        looked = asyncio.Event()
-        original = consumer._wait
-
-        async def signalling_wait(*args: Any) -> None:
-            looked.set()
-            await original(*args)
-
-        consumer._wait = signalling_wait  # type: ignore[method-assign]
-        waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
-        await looked.wait()
+        waiter = await waiting_dequeue(consumer)
         task = make_task()
         await producer.enqueue(task)
         got = await asyncio.wait_for(waiter, DEADLINE)
@@ -298,16 +304,7 @@ async def test_a_wake_up_brings_the_task_without_another_claim(
     assert isinstance(consumer, RedisTaskQueue)
     try:
         calls = count_scripts(monkeypatch, consumer._conn)
-        looked = asyncio.Event()
-        original = consumer._wait
-
-        async def signalling_wait(*args: Any) -> None:
-            looked.set()
-            await original(*args)
-
-        consumer._wait = signalling_wait  # type: ignore[method-assign]
-        waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
-        await looked.wait()
+        waiter = await waiting_dequeue(consumer)
         task = make_task()
         await producer.enqueue(task)
         got = await asyncio.wait_for(waiter, DEADLINE)
@@ -325,16 +322,7 @@ async def test_tasks_a_wake_up_claimed_for_a_waiter_that_left_are_released(
 ) -> None:
     consumer, producer, other = make_queue(), make_queue(), make_queue()
     try:
-        looked = asyncio.Event()
-        original = consumer._wait
-
-        async def signalling_wait(*args: Any) -> None:
-            looked.set()
-            await original(*args)
-
-        consumer._wait = signalling_wait  # type: ignore[method-assign]
-        waiter = asyncio.ensure_future(consumer.dequeue(timeout=DEADLINE))
-        await looked.wait()
+        waiter = await waiting_dequeue(consumer)
         waiter.cancel()  # the waiter leaves; its wake-up (BLMOVE + claim) stays queued
         with pytest.raises(asyncio.CancelledError):
             await waiter

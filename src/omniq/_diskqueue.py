@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _doorbell
-from ._fs import dec, enc, enc_id, key_time, prio_key, time_key
+from ._fs import dec, enc, enc_id, key_time, listdir, prio_key, time_key, unlink_quietly
 from ._packs import Packs, Slot, read_payload, read_queue
 from ._task import TaskStatus
 from .queue.base import LeaseRef, NewRow, StoredRow
@@ -83,18 +83,6 @@ _time_key = functools.lru_cache(maxsize=64)(time_key)
 
 def _state_dir(qdir: str, slot: Slot) -> str:
     return f"{qdir}/sched" if slot.scheduled else f"{qdir}/ready"
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class LocalQueue:
@@ -231,7 +219,7 @@ class LocalQueue:
         with self._shared.lock:
             stale = cache.ready_gen != generation or now - cache.ready_at > RELIST_SECONDS
             if stale or not cache.ready:
-                cache.ready = sorted(_listdir(ready), reverse=True)
+                cache.ready = sorted(listdir(ready), reverse=True)
                 cache.ready_gen, cache.ready_at = generation, now
             return cache.ready.pop() if cache.ready else None
 
@@ -266,7 +254,7 @@ class LocalQueue:
         leased, ready = self._qdir(queue, "leased"), self._qdir(queue, "ready")
         cache.leased_at, cache.leased_next = now, float("inf")
         moved = False
-        for name in sorted(_listdir(leased)):
+        for name in sorted(listdir(leased)):
             parts = name.split(".")
             if len(parts) != 7:
                 continue
@@ -287,7 +275,7 @@ class LocalQueue:
         sched, ready = self._qdir(queue, "sched"), self._qdir(queue, "ready")
         cache.sched_gen, cache.sched_at, cache.sched_next = generation, now, float("inf")
         moved = False
-        for name in sorted(_listdir(sched)):
+        for name in sorted(listdir(sched)):
             parts = name.split(".")
             if len(parts) != 5:
                 continue
@@ -322,7 +310,7 @@ class LocalQueue:
         if queue is None:
             return
         leased, idenc = self._qdir(queue, "leased"), enc(ref.id)
-        for name in _listdir(leased):
+        for name in listdir(leased):
             parts = name.split(".")
             mine = ref.lease_id is None or parts[1:2] == [ref.lease_id]
             if len(parts) == 7 and parts[4] == idenc and mine:
@@ -401,7 +389,7 @@ class LocalQueue:
             with open(path, "w", encoding="utf-8") as file:
                 file.write(error)
         elif attempts > 1:  # only a task delivered more than once can have one
-            _unlink(path)
+            unlink_quietly(path)
 
     # -- by id -----------------------------------------------------------------------------
     def _queue_of(self, idenc: str) -> str | None:
@@ -418,19 +406,19 @@ class LocalQueue:
         """Where the task's state name is: (dir, name, status, [attempts, due, lease, seq])."""
         for kind in ("ready", "sched"):
             directory = self._qdir(queue, kind)
-            for name in _listdir(directory):
+            for name in listdir(directory):
                 p = name.split(".")
                 if len(p) == 5 and p[2 if kind == "ready" else 3] == idenc:
                     fields = [p[3], p[4], "", p[1]] if kind == "ready" else [p[4], p[0], "", p[2]]
                     yield directory, name, TaskStatus.PENDING, fields
         leased = self._qdir(queue, "leased")
-        for name in _listdir(leased):
+        for name in listdir(leased):
             p = name.split(".")
             if len(p) == 7 and p[4] == idenc:
                 yield leased, name, TaskStatus.RUNNING, [p[5], p[6], p[1], p[3]]
         for status_name in _FINAL:
             directory = self._done_dir(status_name, enc(queue))
-            for name in _listdir(directory):
+            for name in listdir(directory):
                 p = name.split(".")
                 if len(p) == 6 and p[3] == idenc:
                     yield directory, name, TaskStatus(status_name), [p[4], p[5], "", p[2]]
@@ -480,7 +468,7 @@ class LocalQueue:
             target = os.path.join(
                 self._qdir(queue, "ready"), f"{prio}.{seq}.{idenc}.0.{time_key(now)}"
             )
-            _unlink(os.path.join(self.errors, idenc))
+            unlink_quietly(os.path.join(self.errors, idenc))
             try:
                 os.rename(os.path.join(directory, name), target)
             except FileNotFoundError:
@@ -490,11 +478,11 @@ class LocalQueue:
         return False
 
     def count(self, queue: str) -> int:
-        return len(_listdir(self._qdir(queue, "ready"))) + len(_listdir(self._qdir(queue, "sched")))
+        return len(listdir(self._qdir(queue, "ready"))) + len(listdir(self._qdir(queue, "sched")))
 
     def list_rows(self, status: TaskStatus, queue: str | None, limit: int) -> list[StoredRow]:
         """Tasks in ``status``, oldest (by enqueue order) first."""
-        queues = [enc(queue)] if queue is not None else _listdir(os.path.join(self.base, "q"))
+        queues = [enc(queue)] if queue is not None else listdir(os.path.join(self.base, "q"))
         found: list[tuple[str, str, TaskStatus, list[str]]] = []
         for qenc in queues:
             for directory, name, found_status, extra in self._locate_all(dec(qenc), status):
@@ -515,20 +503,20 @@ class LocalQueue:
         """Every state name of ``status`` in ``queue``: (…, [attempts, due, lease, seq, id])."""
         if status.is_final:
             directory = self._done_dir(status.value, enc(queue))
-            for name in _listdir(directory):
+            for name in listdir(directory):
                 p = name.split(".")
                 if len(p) == 6:
                     yield directory, name, status, [p[4], p[5], "", p[2], p[3]]
         elif status is TaskStatus.RUNNING:
             directory = self._qdir(queue, "leased")
-            for name in _listdir(directory):
+            for name in listdir(directory):
                 p = name.split(".")
                 if len(p) == 7:
                     yield directory, name, status, [p[5], p[6], p[1], p[3], p[4]]
         else:
             for kind in ("ready", "sched"):
                 directory = self._qdir(queue, kind)
-                for name in _listdir(directory):
+                for name in listdir(directory):
                     p = name.split(".")
                     if len(p) == 5:
                         fields = [p[3], p[4], "", p[1], p[2]] if kind == "ready" else [
@@ -547,16 +535,16 @@ class LocalQueue:
         cutoff = time_key(now - self.retention_seconds)
         for status in ("succeeded", "cancelled", "expired"):
             root = os.path.join(self.base, "done", status)
-            for qenc in _listdir(root):
+            for qenc in listdir(root):
                 directory = os.path.join(root, qenc)
-                for name in _listdir(directory):
+                for name in listdir(directory):
                     if name < cutoff:
                         idenc = name.split(".")[3]
                         # The id before the state name: a repair counting the pack's
                         # names meanwhile errs towards linking nothing (omniq._packs).
-                        _unlink(os.path.join(self.ids, idenc))
-                        _unlink(os.path.join(self.errors, idenc))
-                        _unlink(os.path.join(directory, name))
+                        unlink_quietly(os.path.join(self.ids, idenc))
+                        unlink_quietly(os.path.join(self.errors, idenc))
+                        unlink_quietly(os.path.join(directory, name))
 
     def close(self) -> None:
         self._held.clear()

@@ -15,6 +15,7 @@ never need it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -347,3 +348,17 @@ def _age(entry: dict[str, Any], now: float) -> float | None:
         if isinstance(value, (int, float)):
             return now - float(value)
     return None
+
+
+def listdir(path: str) -> list[str]:
+    """The names in a local directory; none if it does not exist (yet, or any more)."""
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove a local file that another process may have removed already."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

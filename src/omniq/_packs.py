@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
 
-from ._fs import dec, next_seq
+from ._fs import dec, listdir, next_seq, unlink_quietly
 
 log = logging.getLogger("omniq.queue")
 
@@ -359,7 +359,7 @@ class Packs:
             ) from None
         except _Torn as torn:  # the stage name stays: a repair ends it
             raise (torn.__cause__ or torn) from None
-        _unlink(stage)
+        unlink_quietly(stage)
         return inserted
 
     def _append(self, qenc: str, qdir: str, slot: Slot) -> bool:
@@ -444,7 +444,7 @@ class Packs:
         if pack.fd is not None:
             os.close(pack.fd)
         if finished:
-            _unlink(pack.path)
+            unlink_quietly(pack.path)
 
     def _link(self, stage: str, idenc: str, directory: str, name: str, linked: set[str]) -> bool:
         """Give a task its id, then its state name ``directory/name``; False if the id
@@ -626,7 +626,7 @@ class Packs:
             mine = {pack.path for pack in self._open.values()}
         repaired = False
         now = time.time()
-        for name in _listdir(self.tmp):
+        for name in listdir(self.tmp):
             path = f"{self.tmp}/{name}"
             if not name.startswith("pack-") or path in mine:
                 continue
@@ -697,15 +697,3 @@ def _same_file(one: str, other: str) -> bool:
     except FileNotFoundError:
         return False
     return (first.st_ino, first.st_dev) == (second.st_ino, second.st_dev)
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -218,6 +218,14 @@ class RedisConnector:
             entry = await self._open()
         return entry
 
+    async def _link(self) -> Link:
+        """This loop's pipelined connection, opened on first use."""
+        entry = await self.client()
+        link = entry.link
+        if link is None or link.closed:
+            link = await self._open_link(entry)
+        return link
+
     async def _open(self) -> LoopClient:
         loop = asyncio.get_running_loop()
         retry = self._redis.asyncio.retry.Retry(self._redis.backoff.NoBackoff(), 0)
@@ -248,9 +256,7 @@ class RedisConnector:
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:
-            entry = self._loops.get(asyncio.get_running_loop())
-            if entry is None or entry.closed:
-                entry = await self._open()
+            entry = await self.client()
             try:
                 reply = await entry.client.execute_command(*args)
             except self.retryable as exc:
@@ -292,9 +298,7 @@ class RedisConnector:
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:
-            entry = self._loops.get(asyncio.get_running_loop())
-            if entry is None or entry.closed:
-                entry = await self._open()
+            entry = await self.client()
             client = entry.client
             try:
                 try:
@@ -324,13 +328,8 @@ class RedisConnector:
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:
-            entry = self._loops.get(asyncio.get_running_loop())
             try:
-                if entry is None or entry.closed:
-                    entry = await self._open()
-                link = entry.link
-                if link is None or link.closed:
-                    link = await self._open_link(entry)
+                link = await self._link()
                 try:
                     return await link.request(command)
                 except self._noscript:
@@ -350,13 +349,8 @@ class RedisConnector:
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:
-            entry = self._loops.get(asyncio.get_running_loop())
             try:
-                if entry is None or entry.closed:
-                    entry = await self._open()
-                link = entry.link
-                if link is None or link.closed:
-                    link = await self._open_link(entry)
+                link = await self._link()
                 futures = [link.request(command) for command in packed]
                 try:
                     return [await future for future in futures]
@@ -378,10 +372,8 @@ class RedisConnector:
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:
-            entry = self._loops.get(asyncio.get_running_loop())
             try:
-                if entry is None or entry.closed:
-                    entry = await self._open()
+                entry = await self.client()
                 idle = entry.idle_links
                 while idle and idle[-1].closed:
                     entry.blocking_links.discard(idle.pop())

@@ -408,7 +408,7 @@ FastHandler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
 
 
 def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
-    """Route our subscriptions' header-less messages straight to their handlers.
+    """Route the messages of our own subscriptions straight to their handlers.
 
     nats-py hands every message to a per-subscription queue and task, then awaits
     its callback, after parsing every header character by character: several loop
@@ -439,8 +439,11 @@ def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
         if found is None or (headers is not None and not found[1]):
             await original(sid, subject, reply, data, headers)
             return
-        parsed = status_headers(headers) if headers is not None else None
-        found[0](subject.decode(), reply.decode(), data, parsed)
+        try:
+            parsed = status_headers(headers) if headers is not None else None
+            found[0](subject.decode(), reply.decode(), data, parsed)
+        except Exception:  # never into nats-py's read loop, which would drop the connection
+            log.exception("a NATS message handler failed")
 
     nc._process_msg = process_msg  # type: ignore[method-assign]
     return handlers

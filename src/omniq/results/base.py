@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import ClassVar
 
 import msgspec
+
+#: Longest single sleep of ``_wait_notified`` (a wait without timeout sleeps again).
+_WAIT_CHUNK = 3600.0
 
 
 class TaskResult(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -60,6 +63,28 @@ class ResultStorage(ABC):
             pause = interval if deadline is None else min(interval, deadline - time.monotonic())
             await asyncio.sleep(max(0.0, pause))
             interval = min(interval * 2, 0.5)
+
+    async def _wait_notified(
+        self,
+        task_id: str,
+        timeout: float | None,
+        generation: Callable[[], int],
+        sleep: Callable[[float, int], Awaitable[object]],
+    ) -> TaskResult | None:
+        """``wait`` for a store that announces changes: look, then ``sleep(seconds,
+        since)`` until a change after generation ``since`` (or the time is up), and
+        look again. The generation is read before each look, so a result stored
+        between the look and the sleep ends the sleep at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            since = generation()
+            result = await self.get(task_id)
+            if result is not None:
+                return result
+            remaining = _WAIT_CHUNK if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            await sleep(min(remaining, _WAIT_CHUNK), since)
 
     async def delete(self, task_id: str) -> None:
         """Forget a result (default: no-op for stores that only expire)."""

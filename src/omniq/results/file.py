@@ -22,7 +22,6 @@ from .base import ResultStorage, TaskResult
 PRUNE_SECONDS = 60.0
 #: Expiry markers on object stores are grouped by hour: a prune lists past hours only.
 _BUCKET = 3600.0
-_WAIT_CHUNK = 3600.0
 #: The modification time of a local result that never expires (year 2242): prunes skip it.
 _NEVER = float(2**33)
 
@@ -206,24 +205,19 @@ class FileResultStorage(ResultStorage):
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         """Look, then sleep until a result is written (here, or on the doorbell, or a
         growing poll on object stores) and look again, until found or timed out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         wakeup = self._wakeup()
         if self.is_local:  # start the doorbell watcher before the first look
-            await self._local_bell().wait(0.0, wakeup.generation)
-        interval = 0.005
-        while True:
-            since = wakeup.generation
-            result = await self.get(task_id)
-            if result is not None:
-                return result
-            remaining = _WAIT_CHUNK if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if self.is_local:
-                await self._local_bell().wait(min(remaining, _WAIT_CHUNK), since)
-            else:
-                await wakeup.wait(min(remaining, interval), since)
-                interval = min(interval * 2, 0.5)
+            bell = self._local_bell()
+            await bell.wait(0.0, wakeup.generation)
+            return await self._wait_notified(task_id, timeout, lambda: wakeup.generation, bell.wait)
+        interval = 0.005  # object stores: a growing poll, cut short by writers in this process
+
+        async def sleep(seconds: float, since: int) -> None:
+            nonlocal interval
+            await wakeup.wait(min(seconds, interval), since)
+            interval = min(interval * 2, 0.5)
+
+        return await self._wait_notified(task_id, timeout, lambda: wakeup.generation, sleep)
 
     async def delete(self, task_id: str) -> None:
         name = enc_id(task_id)

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 #: table, so it is done at most this often (seconds) per instance.
 _PRUNE_EVERY = 60.0
 _PRUNE_BATCH = 10_000
-#: A wait with no timeout re-arms after this long (and looks once more).
-_WAIT_CHUNK = 3600.0
 #: A notification's payload must stay under 8000 bytes.
 _NOTIFY_MAX = 7900
 
@@ -93,21 +91,15 @@ class PostgreSQLResultStorage(ResultStorage):
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         """Look, then sleep until a notification names ``task_id``, until found or timed out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         listener = await self._db.listener(self._channel)
 
         def names_it(payload: str) -> bool:
             return not payload or task_id in payload.split(",")
 
-        while True:
-            since = listener.generation  # before looking: a result stored after it wakes us
-            result = await self.get(task_id)
-            if result is not None:
-                return result
-            remaining = _WAIT_CHUNK if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await listener.wait(min(remaining, _WAIT_CHUNK), since, names_it)
+        async def sleep(seconds: float, since: int) -> None:
+            await listener.wait(seconds, since, names_it)
+
+        return await self._wait_notified(task_id, timeout, lambda: listener.generation, sleep)
 
     async def delete(self, task_id: str) -> None:
         sql = self._sql["delete"]

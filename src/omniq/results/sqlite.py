@@ -34,8 +34,6 @@ _DELETE = "DELETE FROM omniq_results WHERE task_id = ?"
 #: Expired rows are invisible to ``get`` anyway; deleting them is only about
 #: file size, so it is done at most this often (seconds) per instance.
 _PRUNE_INTERVAL = 60.0
-#: ``SQLiteFile.wait`` takes a finite timeout; waiting "forever" re-arms after this.
-_WAIT_CHUNK = 3600.0
 
 _decoder = msgspec.msgpack.Decoder(TaskResult)
 
@@ -100,7 +98,6 @@ class SQLiteResultStorage(ResultStorage):
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskResult | None:
         """Look, then sleep until the file changes and look again, until found or timed out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         file = self._sqlite()
         result = await self.get(task_id)
         if result is not None:
@@ -110,17 +107,9 @@ class SQLiteResultStorage(ResultStorage):
         # go unseen. Start the watcher now (a zero wait) and look again below,
         # after it is running.
         await file.wait(0.0, file.wakeup.generation)
-        while True:
-            # The generation is read before looking, so a change between the
-            # look and the wait makes the wait return at once.
-            since = file.wakeup.generation
-            result = await self.get(task_id)
-            if result is not None:
-                return result
-            remaining = _WAIT_CHUNK if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await file.wait(min(remaining, _WAIT_CHUNK), since)
+        return await self._wait_notified(
+            task_id, timeout, lambda: file.wakeup.generation, file.wait
+        )
 
     async def delete(self, task_id: str) -> None:
         self._sqlite().connection().execute(_DELETE, (task_id,))

@@ -35,7 +35,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import ModuleType
@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl, unquote
 import msgspec
 
 from ._errors import ConfigurationError, MissingDependencyError, OmniQError
+from ._looplife import ClosedWithLoop
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -449,7 +450,7 @@ def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
     return handlers
 
 
-class Link:
+class Link(ClosedWithLoop):
     """A connection on one event loop, with the replies it routes.
 
     ``generation`` counts events a waiter cares about (deliveries, reconnects,
@@ -474,7 +475,6 @@ class Link:
         self.inbox = ""
         #: Handlers by subscription id, taking messages past nats-py (``_fast_path``).
         self._fast: dict[int, tuple[FastHandler, bool]] | None = None
-        self._lifetime: AsyncIterator[None] | None = None
         self.on_reconnect: list[Callable[[], None]] = []
 
     async def start(self) -> None:
@@ -489,17 +489,7 @@ class Link:
             )
             if kind == "a" and self._fast is not None:
                 self._fast[sub._id] = (self._on_ack, False)
-        lifetime = self._live()
-        # The first step registers the generator with the running loop, whose
-        # shutdown (asyncio.run, asyncio.Runner) then finalizes it: see _live.
-        await lifetime.__anext__()
-        self._lifetime = lifetime
-
-    async def _live(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self._shutdown()
+        await self._close_with_loop()
 
     # -- connection state ---------------------------------------------------------------
     def ring(self) -> None:
@@ -748,12 +738,6 @@ class Link:
                 return [stored(m) for m in collector.messages], collector.end
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"direct get from {stream}: no answer")
-
-    async def close(self) -> None:
-        lifetime, self._lifetime = self._lifetime, None
-        if lifetime is not None:
-            await lifetime.aclose()  # type: ignore[attr-defined]
-        await self._shutdown()
 
     async def _shutdown(self) -> None:
         if self.closed:

@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
 from types import ModuleType
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._errors import ConfigurationError, MissingDependencyError
+from ._looplife import ClosedWithLoop
 
 if TYPE_CHECKING:
     from asyncpg import Connection
@@ -449,7 +450,7 @@ def _run_to_close(loop: asyncio.AbstractEventLoop, state: _LoopState) -> None:
         pass
 
 
-class _LoopState:
+class _LoopState(ClosedWithLoop):
     """What one Database holds on one event loop: a free list of connections and listeners."""
 
     def __init__(self, db: Database, loop: asyncio.AbstractEventLoop) -> None:
@@ -462,16 +463,11 @@ class _LoopState:
         self.leftovers: set[asyncio.Future[None]] = set()  # see Database.run_to_end
         self.started = False
         self.closed = False
-        self._closer: AsyncIterator[None] | None = None
 
     async def start(self) -> None:
-        # An async generator started on this loop is closed by the loop's
-        # shutdown_asyncgens() (asyncio.run and Runner call it): our cue to close
-        # the connections while the loop can still run their goodbyes.
         if not self.started:
             self.started = True
-            self._closer = _close_at_loop_shutdown(self)
-            await self._closer.__anext__()
+            await self._close_with_loop()
 
     async def acquire(self) -> Connection:
         while True:
@@ -523,7 +519,7 @@ class _LoopState:
         if self.leftovers and not self.closed and _running_loop() is self.loop:
             await asyncio.wait(set(self.leftovers), timeout=5.0)
 
-    async def close(self) -> None:
+    async def _shutdown(self) -> None:
         await self.wait_leftovers()
         if self.closed:
             return
@@ -540,17 +536,6 @@ class _LoopState:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # they find the pool closed
-        closer, self._closer = self._closer, None
-        if closer is not None and _running_loop() is self.loop:
-            await closer.aclose()  # type: ignore[attr-defined]
-
-
-async def _close_at_loop_shutdown(state: _LoopState) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        state._closer = None  # we are that generator: close() must not aclose() it again
-        await state.close()
 
 
 async def _close_quietly(conn: Connection) -> None:

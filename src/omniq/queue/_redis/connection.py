@@ -28,11 +28,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..._errors import MissingDependencyError
+from ..._looplife import ClosedWithLoop
 from .blocking import BlockingConnection, DriverConnection, SocketConnection
 from .link import Link
 from .scripts import Script
@@ -123,7 +124,7 @@ def raise_swallowed_cancel() -> None:
 
 
 # -- one loop's client ------------------------------------------------------------------------
-class LoopClient:
+class LoopClient(ClosedWithLoop):
     """A pooled asyncio client on one event loop, and the background tasks using it."""
 
     def __init__(self, client: Any) -> None:
@@ -140,26 +141,9 @@ class LoopClient:
         #: Links for blocking commands (``RedisConnector.blocking``): all, and the idle.
         self.blocking_links: set[Link] = set()
         self.idle_links: list[Link] = []
-        self._lifetime: AsyncIterator[None] | None = None
 
     async def start(self) -> None:
-        lifetime = self._live()
-        # The first step registers the generator with the running loop, whose
-        # shutdown (asyncio.run, asyncio.Runner) then finalizes it: see _live.
-        await lifetime.__anext__()
-        self._lifetime = lifetime
-
-    async def _live(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self._shutdown()
-
-    async def close(self) -> None:
-        lifetime, self._lifetime = self._lifetime, None
-        if lifetime is not None:
-            await lifetime.aclose()  # type: ignore[attr-defined]
-        await self._shutdown()
+        await self._close_with_loop()
 
     async def _shutdown(self) -> None:
         if self.closed:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class OmniQError(Exception):
     """Base class of every error OmniQ raises on purpose."""
@@ -16,6 +19,17 @@ class MissingDependencyError(OmniQError, ImportError):
 
     The message names the extra to install, e.g. ``pip install 'omniq[redis]'``.
     """
+
+
+def import_driver(*modules: str, needed_by: str, extra: str) -> ModuleType:
+    """Import an optional driver's ``modules`` now and return the first one's package;
+    ``MissingDependencyError`` naming ``pip install 'omniq[<extra>]'`` if one is missing."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(f"{needed_by}: pip install 'omniq[{extra}]'") from exc
+    return importlib.import_module(modules[0].partition(".")[0])
 
 
 class SerializationError(OmniQError, TypeError):

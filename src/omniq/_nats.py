@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
-from ._errors import ConfigurationError, MissingDependencyError, OmniQError
+from ._errors import ConfigurationError, OmniQError, import_driver
 from ._looplife import ClosedWithLoop
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("omniq.nats")
 
-INSTALL_HINT = "pip install 'omniq[nats]'"
 DEFAULT_SERVER = "nats://localhost:4222"
 #: Longest wait for one JetStream answer while the connection is up.
 ANSWER_TIMEOUT = 5.0
@@ -69,15 +68,10 @@ _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 def driver() -> ModuleType:
     """nats-py, imported now; a clear error when it is missing."""
-    try:
-        import nats
-        import nats.aio.client
-        import nats.errors
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the NATS backend needs the nats-py driver: {INSTALL_HINT}"
-        ) from exc
-    return nats
+    return import_driver(
+        "nats", "nats.aio.client", "nats.errors",
+        needed_by="the NATS backend needs the nats-py driver", extra="nats",
+    )  # fmt: skip
 
 
 def token(name: str) -> str:

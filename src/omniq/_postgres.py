@@ -43,7 +43,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._errors import ConfigurationError, MissingDependencyError
+from ._errors import ConfigurationError, import_driver
 from ._looplife import ClosedWithLoop
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ T = TypeVar("T")
 DEFAULT_SCHEMA = "omniq"
 DEFAULT_POOL_SIZE = 10
 DEFAULT_RECONNECT_TIMEOUT = 60.0
-INSTALL_HINT = "pip install 'omniq[postgres]'"
 #: Lowercase SQL identifiers only: no quoting anywhere, and room for the
 #: ``.results`` suffix in a 63-byte channel name.
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}\Z")
@@ -67,13 +66,9 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 
 def import_asyncpg() -> ModuleType:
     """The driver, or ``MissingDependencyError`` naming the extra to install."""
-    try:
-        import asyncpg
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the PostgreSQL backend needs the asyncpg driver: {INSTALL_HINT}"
-        ) from exc
-    return asyncpg
+    return import_driver(
+        "asyncpg", needed_by="the PostgreSQL backend needs the asyncpg driver", extra="postgres"
+    )
 
 
 def check_schema(schema: str) -> str:

@@ -6,13 +6,12 @@ event loop, a sync client for blocking calls, retries across outages, built on
 
 from __future__ import annotations
 
-from .connection import INSTALL_HINT, MAX_BLOCK, LoopClient, RedisConnector
+from .connection import MAX_BLOCK, LoopClient, RedisConnector
 from .doorbell import Ahead, Doorbell
 from .scripts import Script, load_script
 from .settings import RedisSettings, redis_settings
 
 __all__ = [
-    "INSTALL_HINT",
     "MAX_BLOCK",
     "Ahead",
     "Doorbell",

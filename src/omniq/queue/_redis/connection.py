@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..._errors import MissingDependencyError
+from ..._errors import import_driver
 from ..._looplife import ClosedWithLoop
 from .blocking import BlockingConnection, DriverConnection, SocketConnection
 from .link import Link
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("omniq.redis")
 
 T = TypeVar("T")
-INSTALL_HINT = "pip install 'omniq[redis]'"
 #: First and longest pause between attempts while the server is unreachable.
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 #: Bounds of one blocking wait on the server (seconds). The upper one stays well
@@ -69,17 +68,10 @@ os.register_at_fork(after_in_child=_count_fork)
 
 def driver() -> ModuleType:
     """redis-py, imported now; a clear error when it is missing."""
-    try:
-        import redis.asyncio
-        import redis.backoff
-        import redis.exceptions
-        import redis.retry
-        import redis.utils
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the Redis backend needs the redis-py driver: {INSTALL_HINT}"
-        ) from exc
-    return redis
+    return import_driver(
+        "redis.asyncio", "redis.backoff", "redis.exceptions", "redis.retry", "redis.utils",
+        needed_by="the Redis backend needs the redis-py driver", extra="redis",
+    )  # fmt: skip
 
 
 def _hiredis_packer(redis: ModuleType) -> Callable[[tuple[Any, ...]], bytes] | None:

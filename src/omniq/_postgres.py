@@ -292,6 +292,11 @@ class Database:
         self._connected_once = True
         return conn
 
+    @property
+    def migrated(self) -> bool:
+        """Whether this instance has created or checked its schema."""
+        return self._migrated
+
     async def ensure_schema(self) -> None:
         """Create or migrate the schema now (normally done by the first operation)."""
         if not self._migrated:

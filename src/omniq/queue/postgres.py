@@ -12,12 +12,15 @@ dedicated connection and otherwise sleeps until the next due time or lease end.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import _postgres
 from .._errors import ConfigurationError
+from .._postgres_blocking import BYTEA, FLOAT8, INT4, TEXT, BlockingStatement, login_for
+from .._postgres_blocking import Unavailable as BlockingUnavailable
 from .._task import Task, TaskStatus
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
@@ -47,6 +50,9 @@ _PRUNE_EVERY = 60.0
 _PRUNE_BATCH = 1000
 #: Batches from this size try a plain INSERT before one with ON CONFLICT.
 _PLAIN_INSERT_FROM = 10
+_PUT_ONE_TYPES = (TEXT, TEXT, INT4, FLOAT8, BYTEA)
+_int4, _float8 = struct.Struct("!i"), struct.Struct("!d")
+_NONE_INSERTED = bytes(8)  # put_one's count(), a binary int8
 
 
 class PostgreSQLTaskQueue(TaskQueue):
@@ -97,6 +103,11 @@ class PostgreSQLTaskQueue(TaskQueue):
             connect_options=connect_options,
         )
         self._sql = _postgres.queries("tasks.sql", self.schema)
+        # The sync facade's single enqueue, on a plain socket (asyncpg where it cannot).
+        login = login_for(self.dsn, self._db.connect_options)
+        self._blocking_put = (
+            BlockingStatement(login, self._sql["put_one"], _PUT_ONE_TYPES) if login else None
+        )
         self._channel = f"{self.schema}.tasks"
         self._next_prune = 0.0  # time.monotonic()
         self._writes: dict[asyncio.AbstractEventLoop, set[asyncio.Future[Any]]] = {}
@@ -144,6 +155,15 @@ class PostgreSQLTaskQueue(TaskQueue):
         return await self._db.run(self._put_op(rows))
 
     def _put_blocking(self, rows: Sequence[NewRow]) -> list[bool]:
+        # The plain socket once this process has migrated the schema (asyncpg does that).
+        if len(rows) == 1 and self._blocking_put is not None and self._db.migrated:
+            row = rows[0]
+            params = (row.id.encode(), row.queue.encode(), _int4.pack(row.priority),
+                      _float8.pack(row.due_at), row.payload)  # fmt: skip
+            try:
+                return [self._blocking_put.fetchval(params) != _NONE_INSERTED]
+            except BlockingUnavailable:
+                pass  # asyncpg retries, reconnects or raises the proper error
         return self._db.run_blocking(self._put_op(rows))
 
     def _put_op(self, rows: Sequence[NewRow]) -> Callable[[Connection], Awaitable[list[bool]]]:
@@ -291,6 +311,8 @@ class PostgreSQLTaskQueue(TaskQueue):
 
     async def _close(self) -> None:
         self._writes.clear()
+        if self._blocking_put is not None:
+            self._blocking_put.close()
         await self._db.close()
 
 

@@ -493,11 +493,17 @@ def test_sync_enqueue_refuses_a_message_over_max_payload(
 def test_wire_messages_are_the_protocol_nats_py_writes() -> None:
     from nats.protocol.command import hpub_cmd
 
-    assert wire_message("S.r.q.0.t1", "", b"+ACK", None) == b"PUB S.r.q.0.t1 4\r\n+ACK\r\n"
+    assert wire_message("S.r.q.0.t1", "", b"+ACK", None, 1024) == b"PUB S.r.q.0.t1 4\r\n+ACK\r\n"
     head = b"NATS/1.0\r\nNats-Msg-Id: t1\r\nNats-TTL: 60\r\n\r\n"
     assert wire_message(
-        "S.r.q.0.t1", "_INBOX.x.a.1.0", b"body", {"Nats-Msg-Id": "t1", "Nats-TTL": "60"}
+        "S.r.q.0.t1", "_INBOX.x.a.1.0", b"body", {"Nats-Msg-Id": "t1", "Nats-TTL": "60"}, 1024
     ) == hpub_cmd("S.r.q.0.t1", "_INBOX.x.a.1.0", head, b"body")
+    # What the server would refuse (closing the connection) is refused here, headers counted.
+    assert wire_message("s", "", b"x" * 1024, None, 1024)
+    with pytest.raises(OmniQError, match="1025 bytes exceeds"):
+        wire_message("s", "", b"x" * 1025, None, 1024)
+    with pytest.raises(OmniQError, match="1052 bytes exceeds"):  # + "Nats-Msg-Id: t\r\n" + 12
+        wire_message("s", "", b"x" * 1024, {"Nats-Msg-Id": "t"}, 1024)
 
 
 def test_only_status_headers_are_parsed() -> None:

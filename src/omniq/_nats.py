@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, unquote
 
 import msgspec
@@ -344,18 +344,25 @@ class _Collector:
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-def wire_message(subject: str, reply: str, payload: bytes, headers: dict[str, str] | None) -> bytes:
+def wire_message(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None, max_payload: int
+) -> bytes:
     """One ``PUB`` (or ``HPUB``, with headers) command of the NATS protocol.
 
     Our subjects are valid tokens and our header names constants (nats-py would
     check every character of both on every publish, which costs more than the
-    rest of a publish).
+    rest of a publish). A message over ``max_payload`` is refused here: the
+    server would close the connection on it.
     """
     target = (f"{subject} {reply}" if reply else subject).encode()
     if not headers:
+        if len(payload) > max_payload:
+            _too_big(len(payload), max_payload)
         return b"PUB %s %d\r\n%s\r\n" % (target, len(payload), payload)
     head = "".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode()
     size = len(head) + 12  # "NATS/1.0\r\n" + head + "\r\n"
+    if size + len(payload) > max_payload:
+        _too_big(size + len(payload), max_payload)
     return b"HPUB %s %d %d\r\nNATS/1.0\r\n%s\r\n%s\r\n" % (
         target,
         size,
@@ -365,15 +372,10 @@ def wire_message(subject: str, reply: str, payload: bytes, headers: dict[str, st
     )
 
 
-def check_size(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
-    """Refuse a message the server would refuse (closing the connection on it)."""
-    size = len(payload)
-    if headers:
-        size += 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
-    if size > max_payload:
-        raise OmniQError(
-            f"a message of {size} bytes exceeds the NATS server's max_payload ({max_payload})"
-        )
+def _too_big(size: int, max_payload: int) -> NoReturn:
+    raise OmniQError(
+        f"a message of {size} bytes exceeds the NATS server's max_payload ({max_payload})"
+    )
 
 
 def status_headers(raw: bytes) -> dict[str, str] | None:
@@ -637,10 +639,9 @@ class Link(ClosedWithLoop):
             return
         if nc.is_closed:
             raise ConnectionError(f"the NATS connection to {self.connector.settings} is closed")
-        blob = bytearray()
+        blob, max_payload = bytearray(), nc.max_payload
         for subject, reply, payload, headers in messages:
-            check_size(payload, headers, nc.max_payload)
-            blob += wire_message(subject, reply, payload, headers)
+            blob += wire_message(subject, reply, payload, headers, max_payload)
         await nc._send_command(bytes(blob))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()

@@ -36,7 +36,6 @@ from ._nats import (
     NATSSettings,
     Outgoing,
     PubAck,
-    check_size,
     collect_acks,
     unacknowledged,
     wire_message,
@@ -88,8 +87,7 @@ class _Wire:
         prefix = f"{self.inbox}.{self.calls}."
         out = bytearray()
         for index, (subject, payload, headers) in enumerate(messages):
-            check_size(payload, headers, self.max_payload)
-            out += wire_message(subject, f"{prefix}{index}", payload, headers)
+            out += wire_message(subject, f"{prefix}{index}", payload, headers, self.max_payload)
         try:
             self.sock.sendall(out)
         except OSError as exc:

@@ -34,12 +34,28 @@ class Job:
 
 
 def is_async_callable(func: Callable[..., Any]) -> bool:
-    """True for coroutine functions, including ``functools.partial`` and callables objects."""
+    """True for coroutine functions, including ``functools.partial`` and callables objects.
+
+    Cached for plain functions (what tasks name): ``inspect`` costs microseconds,
+    and workers ask once per task. Partials and bound methods are made afresh.
+    """
+    if not inspect.isfunction(func):
+        return _is_async(func)
+    known = _async_functions.get(func)
+    if known is None:
+        known = _async_functions[func] = _is_async(func)
+    return known
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
     while hasattr(func, "func"):  # functools.partial
         func = func.func
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - an instance with an async __call__
     )
+
+
+_async_functions: dict[Callable[..., Any], bool] = {}
 
 
 class ThreadRunner:

@@ -231,7 +231,7 @@ class AsyncWorker:
                 self._held.pop(task.id, None)
                 self._spawn(self._failed(task, exc))
                 continue
-            on_loop = self.kind == "async" and _is_async(func)
+            on_loop = self.kind == "async" and is_async_callable(func)
             if on_loop and len(self._coroutines) >= self.concurrency:
                 return
             self._waiting.popleft()
@@ -544,17 +544,6 @@ class _Backoff:
 
 def _timeout_error(task: Task) -> TimeoutError:
     return TimeoutError(f"task exceeded its timeout of {task.timeout} s")
-
-
-_async_funcs: dict[Any, bool] = {}
-
-
-def _is_async(func: Any) -> bool:
-    """``is_async_callable``, cached per function (inspect is slow on the hot path)."""
-    known = _async_funcs.get(func)
-    if known is None:
-        known = _async_funcs[func] = is_async_callable(func)
-    return known
 
 
 def _install_signal_handlers(stop: Any) -> Any:

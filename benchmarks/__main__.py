@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_BACKENDS = ["memory", "sqlite", "file", "redis", "postgres", "nats"]
 
 #: Worker settings tried for D; the best is reported with its setting.
-DRAIN_SETTINGS = [("async", 8), ("async", 16), ("thread", 8)]
+DRAIN_SETTINGS = [("async", 8), ("async", 16), ("async", 64), ("thread", 8)]
 
 
 @dataclass

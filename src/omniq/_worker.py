@@ -30,6 +30,7 @@ from ._funcs import resolve
 from ._retry import backoff_delay
 from ._runners import Job, ThreadRunner, is_async_callable
 from ._task import Task
+from .queue._wakeup import Interrupt
 from .results.base import TaskResult
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class AsyncWorker:
         self.retried = 0
         self._stop_requested = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake: Interrupt | None = None
         #: The main loop waits for held tasks to be done with (room to claim more),
         #: or for the end of a burst: what it waits for must wake it (``_wake``).
         self._waiting_for_room = False
@@ -120,7 +121,7 @@ class AsyncWorker:
     async def run(self, burst: bool = False) -> None:
         """Work until ``stop()`` (or, with ``burst``, until the queues are empty)."""
         self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake = Interrupt()  # ends a claim's wait without a task watching it
         self._runner = ThreadRunner(self.concurrency, name=f"omniq-{self.kind}")
         self.omniq._bind_loop()
         heartbeat = asyncio.ensure_future(self._heartbeat())

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
+
+
+class Interrupt(asyncio.Event):
+    """An ``asyncio.Event`` that also calls back whoever registered with ``on_set``.
+
+    A worker's wake-up event: ``dequeue_many(interrupt=...)`` stops its wait
+    when it is set without a task of its own watching the event (each task
+    costs loop turns between a wake-up and the claim that follows it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call ``callback`` (once) at the next ``set``; returns what unregisters it."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
 
 class Wakeup:

@@ -20,6 +20,7 @@ import pytest
 from .. import AsyncOmniQ, EventType, Serializer, Task, TaskFailedError, TaskStatus
 from .._errors import SerializationError
 from .._task import new_task_id
+from ..queue._wakeup import Interrupt
 from ..queue.base import TaskQueue
 
 MakeQueue = Callable[..., TaskQueue]
@@ -138,6 +139,21 @@ class TaskQueueContract:
         await queue.enqueue(task)
         got = await waiter
         assert got is not None and got.id == task.id
+
+    @pytest.mark.parametrize("event", [Interrupt, asyncio.Event])
+    async def test_an_interrupted_wait_returns_nothing_and_loses_nothing(
+        self, queue: TaskQueue, event: Callable[[], asyncio.Event]
+    ) -> None:
+        # A worker interrupts its claim's wait whenever a task of its own ends.
+        interrupt = event()
+        waiter = asyncio.ensure_future(queue.dequeue_many(5, timeout=60, interrupt=interrupt))
+        await asyncio.sleep(0.05)  # let the waiter block first (order only, not timing)
+        interrupt.set()
+        assert await asyncio.wait_for(waiter, DEADLINE) == []
+        task = make_task()
+        await queue.enqueue(task)
+        got = await queue.dequeue_many(5, timeout=DEADLINE, interrupt=event())
+        assert [t.id for t in got] == [task.id]
 
     # 4. leases, ack, redelivery ----------------------------------------------------------
     async def test_a_task_goes_to_exactly_one_consumer(self, make_queue: MakeQueue) -> None:

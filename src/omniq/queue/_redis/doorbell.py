@@ -58,12 +58,13 @@ class Doorbell:
         if self._task is None:
             self._task = loop.create_task(self._listen(entry, connector))
             entry.tasks.add(self._task)
+        # A timer rather than asyncio.wait: a ring reaches this coroutine in one loop turn.
+        timer = loop.call_later(timeout, _time_up, future)
         try:
-            await asyncio.wait({future}, timeout=timeout)
+            await future  # raises what the listener met
         finally:
+            timer.cancel()
             self._waiters.pop(future, None)
-        if future.done():
-            future.result()  # raises what the listener met
 
     def _ring(self, error: BaseException | None = None) -> None:
         """Wake every waiter; they stop counting as waiting at once."""
@@ -147,3 +148,8 @@ class Doorbell:
             await connector.blocking_command(entry, self.link, "LPUSH", reply[0], reply[1])
         except connector.error as exc:
             log.debug("could not hand a wake-up token back: %s", exc)
+
+
+def _time_up(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -173,8 +173,13 @@ def measure(backend: Backend, args: argparse.Namespace, log: Callable[[str], Non
 
 
 def ratio(figures: Figures, key: str, floor_key: str) -> str:
-    value, floor = figures.median(key), figures.median(floor_key)
-    return f"{value / floor:.2f}x" if value and floor else "-"
+    """The median of each run's ratio: a run measures its floor seconds before the
+    figure, so pairing them cancels the machine's drift between runs; min-max beside."""
+    values, floors = figures.samples.get(key, []), figures.samples.get(floor_key, [])
+    ratios = [value / floor for value, floor in zip(values, floors, strict=False) if floor]
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def table(results: dict[str, Figures]) -> str:

@@ -13,7 +13,6 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -24,7 +23,7 @@ from omniq._postgres_blocking import TEXT, BlockingStatement, Login, Unavailable
 from omniq.queue import PostgreSQLTaskQueue
 from omniq.testing.contract import echo
 
-from .servers.postgres import PostgresServer, discard, launch
+from .servers.postgres import PostgresServer
 
 DEADLINE = 10.0
 _schemas = itertools.count()
@@ -103,21 +102,12 @@ def test_a_worker_waiting_for_work_is_woken_by_a_plain_socket_enqueue(postgres_d
 
 
 # -- hand-overs to asyncpg -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PostgresServer]:
-    server = launch(crash_safe=True)
-    try:
-        yield server
-    finally:
-        discard(server)
-
-
-def test_enqueue_goes_on_across_a_server_restart(own_server: PostgresServer) -> None:
-    with OmniQ(f"{own_server.dsn()}?schema=plain_restart") as omniq:
+def test_enqueue_goes_on_across_a_server_restart(own_postgres_server: PostgresServer) -> None:
+    with OmniQ(f"{own_postgres_server.dsn()}?schema=plain_restart") as omniq:
         before = [omniq.enqueue(echo, i) for i in range(3)]
         statement = plain_socket(omniq)
         wire = statement._wires[0]
-        own_server.restart("fast")
+        own_postgres_server.restart("fast")
         after = [omniq.enqueue(echo, i) for i in range(3)]  # the first one through asyncpg
         assert statement._wires and statement._wires[0] is not wire  # a new connection
         assert omniq.size() == 6

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from omniq.results.postgres import PostgreSQLResultStorage
 from omniq.testing.contract import async_double, echo, make_task
 
 from .reliability._procs import Processes, read_lines, wait_until
-from .servers.postgres import PostgresServer, discard, launch
+from .servers.postgres import PostgresServer
 
 # The event storage contract, on PostgreSQL (the module's fixtures are overridden below).
 from .test_event_storages import (  # noqa: F401
@@ -311,16 +311,6 @@ async def test_transactional_enqueue_through_sqlalchemy(postgres_dsn: str) -> No
 
 
 # -- a running worker survives a restart ---------------------------------------------------
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[PostgresServer]:
-    """A server of our own: these tests restart it, or kill it."""
-    server = launch(crash_safe=True)
-    try:
-        yield server
-    finally:
-        discard(server)
-
-
 async def slow_echo(value: Any) -> Any:
     await asyncio.sleep(0.005)
     return value
@@ -328,18 +318,20 @@ async def slow_echo(value: Any) -> Any:
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 async def test_running_worker_survives_a_server_restart(
-    own_server: PostgresServer, mode: str
+    own_postgres_server: PostgresServer, mode: str
 ) -> None:
     # A claim in flight when the server dies may have committed unseen: such
     # tasks come back when their lease ends, so keep it short.
-    queue = PostgreSQLTaskQueue(f"{own_server.dsn()}?schema=restart_{mode}", lease_seconds=2.0)
+    queue = PostgreSQLTaskQueue(
+        f"{own_postgres_server.dsn()}?schema=restart_{mode}", lease_seconds=2.0
+    )
     async with AsyncOmniQ(queue) as omniq:  # results in PostgreSQL too (the default)
         assert isinstance(omniq.result_storage, PostgreSQLResultStorage)
         before = await omniq.enqueue_many(slow_echo, [(i,) for i in range(40)])
         async with omniq.worker(concurrency=4):
             assert await omniq.get_result(before[0], timeout=DEADLINE) == 0
             # Restart while tasks run, are claimed and acked, and waiters listen.
-            await asyncio.to_thread(own_server.restart, mode)
+            await asyncio.to_thread(own_postgres_server.restart, mode)
             after = [await omniq.enqueue(async_double, i) for i in range(5)]
             for i, task_id in enumerate(before):
                 assert await omniq.get_result(task_id, timeout=DEADLINE) == i

@@ -191,6 +191,16 @@ def postgres_server() -> Iterator[PostgresServer]:
         discard(server)
 
 
+@pytest.fixture(scope="module")
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A crash-safe server of the module's own: its tests restart it, or kill it."""
+    server = launch(crash_safe=True)
+    try:
+        yield server
+    finally:
+        discard(server)
+
+
 _schemas = itertools.count()
 
 

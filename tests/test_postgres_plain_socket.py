@@ -235,7 +235,9 @@ def test_dsns_only_asyncpg_reads_exactly_are_left_to_it(dsn: str, options: Any) 
 def test_dsn_defaults_are_asyncpg_s(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"):
         monkeypatch.delenv(name, raising=False)
-    assert login_for("postgresql://u:p%40ss@h/", {}) == Login("h", 5432, "u", "p@ss", "u", "prefer")
+    login = login_for("postgresql://u:p%40ss@h/", {})
+    assert login == Login("h", 5432, "u", "p@ss", "u", "prefer")
+    assert "p@ss" not in repr(login)  # logs and tracebacks show no password
     monkeypatch.setenv("PGPASSWORD", "env")
     monkeypatch.setenv("PGSSLMODE", "disable")
     assert login_for("postgres://u@h:7/db", {}) == Login("h", 7, "u", "env", "db", "disable")

@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -68,7 +68,7 @@ class Login:
     host: str
     port: int
     user: str
-    password: str | None
+    password: str | None = field(repr=False)
     database: str
     sslmode: str
 
@@ -249,6 +249,7 @@ class BlockingStatement:
         wire = _Wire(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished host
             self._log_in(wire)
             wire.prepare(self.sql, self.param_types)
             sock.settimeout(None)

@@ -506,6 +506,76 @@ def test_wire_messages_are_the_protocol_nats_py_writes() -> None:
         wire_message("s", "", b"x" * 1024, {"Nats-Msg-Id": "t"}, 1024)
 
 
+class _Recorder:
+    """What a parser hands to nats-py's client, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None) -> None:  # fmt: skip
+        self.events.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
+
+    async def _process_ping(self) -> None:
+        self.events.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.events.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.events.append(("info", info))
+
+    async def _process_err(self, message: str) -> None:
+        self.events.append(("err", message))
+
+
+_STREAM = b"".join([
+    b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+    b"MSG a.b 1 5\r\nhello\r\n",
+    b"MSG a.b 1 _INBOX.r.1 12\r\nwith\r\nMSG in\r\n",
+    b"PING\r\n",
+    b"HMSG a.c 2 _INBOX.r.2 30 35\r\nNATS/1.0\r\nNats-Msg-Id: abc\r\n\r\nbody!\r\n",
+    b"HMSG a.c 1 16 16\r\nNATS/1.0 404\r\n\r\n\r\n",
+    b"+OK\r\nPONG\r\n",
+    b"MSG big 3 100000\r\n" + bytes(range(256)) * 390 + b"x" * 160 + b"\r\n",
+    b"-ERR 'Stale Connection'\r\n",
+    b"MSG a.b 1 0\r\n\r\n",
+])  # fmt: skip
+
+
+async def _parse_in_pieces(parser: Any, cuts: list[int]) -> None:
+    for start, end in zip([0, *cuts], [*cuts, len(_STREAM)], strict=True):
+        await parser.parse(_STREAM[start:end])
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_fast_parser_reads_what_nats_py_reads(seed: int) -> None:
+    import random
+
+    from nats.protocol.parser import Parser
+
+    from omniq._nats_parser import FastParser
+
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(_STREAM)), rng.choice([1, 5, 50, 400])))
+    if seed == 0:
+        cuts = list(range(1, len(_STREAM)))  # one byte at a time
+    expected, got = _Recorder(), _Recorder()
+    await _parse_in_pieces(Parser(expected), cuts)
+
+    def hand_over(sid: int, subject: bytes, reply: bytes, data: bytes,
+                  headers: bytes | None) -> bool:  # fmt: skip
+        if sid != 1:
+            return False  # nats-py's path: _process_msg
+        got.events.append(("msg", sid, subject, reply, data, headers))
+        return True
+
+    parser = FastParser(got, hand_over)
+    await _parse_in_pieces(parser, cuts)
+    assert got.events == expected.events
+    assert len(got.events) == 10 and not parser.buf
+
+
 def test_only_status_headers_are_parsed() -> None:
     assert status_headers(b"NATS/1.0\r\nNats-Msg-Id: t1\r\n\r\n") is None
     assert status_headers(b"NATS/1.0 404 No Messages\r\n\r\n") == {

@@ -410,16 +410,21 @@ def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
     nats-py hands every message to a per-subscription queue and task, then awaits
     its callback, after parsing every header character by character: several loop
     steps, a ``Msg`` and ~30 µs per delivery, most of a worker's cost per task.
-    Its parser calls ``nc._process_msg(sid, subject, reply, data, headers)`` for
-    every message; wrapping that on our own connection hands a pull delivery (its
-    headers parsed only for a status) or a header-less publish acknowledgement to
-    its handler at once. ``handlers`` maps a subscription id to its handler and
-    whether it takes messages with headers; other messages take nats-py's path.
-    None (everything takes nats-py's path) when nats-py's method is not the one
-    this was written for.
+    On a client not yet connected, this puts ``FastParser`` in place of nats-py's
+    parser (``_nats_parser``): a pull delivery (its headers parsed only for a
+    status) or a header-less publish acknowledgement goes from the read to its
+    handler at once. Messages that still reach ``nc._process_msg`` (those nats-py's
+    own parser read) are routed the same way. ``handlers`` maps a subscription id
+    to its handler and whether it takes messages with headers; other messages
+    take nats-py's path. None (everything takes nats-py's path) when nats-py's
+    method or parser is not the one this was written for.
     """
+    from nats.protocol.parser import Parser
+
+    from ._nats_parser import FastParser
+
     original = getattr(nc, "_process_msg", None)
-    if original is None:
+    if original is None or type(getattr(nc, "_ps", None)) is not Parser:
         return None
     try:
         parameters = list(inspect.signature(original).parameters)
@@ -429,20 +434,27 @@ def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
         return None
     handlers: dict[int, tuple[FastHandler, bool]] = {}
 
-    async def process_msg(
+    def hand_over(
         sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
+    ) -> bool:
         found = handlers.get(sid)
         if found is None or (headers is not None and not found[1]):
-            await original(sid, subject, reply, data, headers)
-            return
+            return False
         try:
             parsed = status_headers(headers) if headers is not None else None
             found[0](subject.decode(), reply.decode(), data, parsed)
         except Exception:  # never into nats-py's read loop, which would drop the connection
             log.exception("a NATS message handler failed")
+        return True
+
+    async def process_msg(
+        sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        if not hand_over(sid, subject, reply, data, headers):
+            await original(sid, subject, reply, data, headers)
 
     nc._process_msg = process_msg  # type: ignore[method-assign]
+    nc._ps = FastParser(nc, hand_over)
     return handlers
 
 
@@ -454,7 +466,12 @@ class Link(ClosedWithLoop):
     ``ext`` holds the component's own per-connection state.
     """
 
-    def __init__(self, connector: Connector, nc: Client) -> None:
+    def __init__(
+        self,
+        connector: Connector,
+        nc: Client,
+        fast: dict[int, tuple[FastHandler, bool]] | None = None,
+    ) -> None:
         self.connector = connector
         self.nc = nc
         self.closed = False
@@ -470,12 +487,11 @@ class Link(ClosedWithLoop):
         self._collectors: dict[str, _Collector] = {}
         self.inbox = ""
         #: Handlers by subscription id, taking messages past nats-py (``_fast_path``).
-        self._fast: dict[int, tuple[FastHandler, bool]] | None = None
+        self._fast = fast
         self.on_reconnect: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
-        self._fast = _fast_path(self.nc)
         for kind in ("a", "g"):
             sub = await self.nc.subscribe(
                 f"{self.inbox}.{kind}.>",
@@ -824,8 +840,10 @@ class Connector:
         async def error(exc: Exception) -> None:
             log.debug("NATS connection (%s): %r", self.settings, exc)
 
+        nc = self.nats.NATS()
+        fast = _fast_path(nc)  # before connecting: the parser is replaced before any read
         try:
-            nc = await self.nats.connect(
+            await nc.connect(
                 **self.settings.connect_options(),
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
@@ -833,7 +851,7 @@ class Connector:
             )
         except Exception as exc:
             raise ConnectionError(f"cannot connect to NATS at {self.settings}: {exc}") from exc
-        link = Link(self, nc)
+        link = Link(self, nc, fast)
         holder.append(link)
         try:
             await link.start()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import socket
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+log = logging.getLogger("omniq.postgres")
 
 #: Type OIDs of the parameters this module sends (binary format).
 TEXT, INT4, FLOAT8, BYTEA = 25, 23, 701, 17
@@ -259,6 +262,7 @@ class BlockingStatement:
         except _Declined as exc:
             wire.close()
             self.declined = str(exc)
+            log.info("PostgreSQL: the sync enqueue goes through asyncpg (%s)", self.declined)
             raise Unavailable(self.declined) from exc
         except (_Lost, OSError) as exc:
             wire.close()

@@ -185,6 +185,8 @@ class TaskQueue(ABC):
 
         waiting.add_done_callback(wake)
         forget = interrupt.on_set(wake)
+        if interrupt.is_set():
+            wake()
         try:
             await first
         finally:

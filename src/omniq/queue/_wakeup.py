@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
 
 
 class Interrupt(asyncio.Event):
@@ -83,14 +84,21 @@ class Wakeup:
             except RuntimeError:
                 running = None
             if running is loop:
-                _wake(future)
+                wake(future)
             else:
                 try:
-                    loop.call_soon_threadsafe(_wake, future)
+                    loop.call_soon_threadsafe(wake, future)
                 except RuntimeError:  # the loop closed between the check and the call
                     pass
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def wake(future: asyncio.Future[None]) -> None:
+    """Resolve a waiter's future, unless it is already done (woken, cancelled, timed out)."""
     if not future.done():
         future.set_result(None)
+
+
+def retrieve_exception(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (nobody awaits it any more)."""
+    if not future.cancelled():
+        future.exception()

@@ -16,11 +16,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from .._serialize import DEFAULT_SERIALIZER, Serializer
 from .._task import Task, TaskStatus, new_task_id
-from ._wakeup import Interrupt
+from ._wakeup import Interrupt, retrieve_exception, wake
 
 if TYPE_CHECKING:
     from ..results.base import ResultStorage
@@ -178,22 +178,17 @@ class TaskQueue(ABC):
         # One future woken by whichever comes first: no task watching the event, no
         # gather, so a wake-up reaches the claim after it in fewer loop turns.
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake(_: object = None) -> None:
-            if not first.done():
-                first.set_result(None)
-
-        waiting.add_done_callback(wake)
-        forget = interrupt.on_set(wake)
+        waiting.add_done_callback(lambda _: wake(first))
+        forget = interrupt.on_set(lambda: wake(first))
         if interrupt.is_set():
-            wake()
+            wake(first)
         try:
             await first
         finally:
             forget()
             if not waiting.done():
                 waiting.cancel()  # it ends on its own; nothing it holds is lost by that
-                waiting.add_done_callback(_retrieve)
+                waiting.add_done_callback(retrieve_exception)
         if not waiting.cancelled() and waiting.done():
             waiting.result()  # raises what the wait met (the engine is unreachable…)
         return not interrupt.is_set()
@@ -392,9 +387,3 @@ class TaskQueue(ABC):
 
     async def _close(self) -> None:
         """Release connections; the instance may be used again (it reconnects)."""
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an abandoned wait's outcome as seen (no "exception never retrieved")."""
-    if not future.cancelled():
-        future.exception()

@@ -99,17 +99,8 @@ end
 
 local out = { '' }
 if taken > 0 then
-  -- In slices of SLICE values: Lua's unpack is bounded by its C stack.
-  for i = 1, #lease_list, SLICE do
-    redis.call('ZADD', leases, unpack(lease_list, i, math.min(i + SLICE - 1, #lease_list)))
-  end
-  local payloads = {}
-  for i = 1, #payload_keys, SLICE do
-    local part = redis.call('MGET', unpack(payload_keys, i, math.min(i + SLICE - 1, #payload_keys)))
-    for j = 1, #part do
-      payloads[i + j - 1] = part[j]
-    end
-  end
+  call_many({ 'ZADD', leases }, lease_list)  -- score, member pairs: SLICE is even
+  local payloads = mget(payload_keys)
   for i, task in ipairs(claimed) do
     out[#out + 1] = task[1]
     out[#out + 1] = payloads[i]

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..._errors import import_driver
 from ..._looplife import ClosedWithLoop
+from .._wakeup import retrieve_exception
 from .blocking import BlockingConnection, DriverConnection, SocketConnection
 from .link import Link
 from .scripts import Script
@@ -93,12 +94,6 @@ def _error_parser(redis: ModuleType) -> Callable[[str], Exception]:
         return error
     parse: Callable[[str], Exception] = BaseParser.parse_error
     return parse
-
-
-def retrieve_exception(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception as seen (nobody awaits it any more)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def raise_swallowed_cancel() -> None:

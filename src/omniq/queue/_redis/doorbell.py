@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .connection import MAX_BLOCK, MIN_BLOCK, raise_swallowed_cancel, retrieve_exception
+from .._wakeup import retrieve_exception, wake
+from .connection import MAX_BLOCK, MIN_BLOCK, raise_swallowed_cancel
 
 if TYPE_CHECKING:
     from .connection import LoopClient, RedisConnector
@@ -59,7 +60,7 @@ class Doorbell:
             self._task = loop.create_task(self._listen(entry, connector))
             entry.tasks.add(self._task)
         # A timer rather than asyncio.wait: a ring reaches this coroutine in one loop turn.
-        timer = loop.call_later(timeout, _time_up, future)
+        timer = loop.call_later(timeout, wake, future)
         try:
             await future  # raises what the listener met
         finally:
@@ -148,8 +149,3 @@ class Doorbell:
             await connector.blocking_command(entry, self.link, "LPUSH", reply[0], reply[1])
         except connector.error as exc:
             log.debug("could not hand a wake-up token back: %s", exc)
-
-
-def _time_up(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

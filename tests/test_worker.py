@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from omniq import AsyncOmniQ, ConfigurationError, EventType, TaskFailedError, TaskStatus
+from omniq import AsyncOmniQ, ConfigurationError, EventType, TaskFailedError, TaskStatus, _runners
+from omniq._runners import Job, ThreadRunner
 from omniq.queue import MemoryTaskQueue
 from omniq.results.memory import MemoryResultStorage
 
@@ -186,3 +187,59 @@ async def test_worker_rides_out_failing_claims_and_result_writes(
     messages = [r.getMessage() for r in caplog.records]
     assert any("could not claim" in m for m in messages)
     assert any("could not record" in m for m in messages)
+
+
+# -- the hand-over of a task to a thread ----------------------------------------------------
+def ignore(ok: bool, value: Any) -> None:
+    pass
+
+
+@pytest.mark.timeout(20)
+async def test_hand_over_parks_until_a_thread_took_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_runners, "HAND_OVER", 3600.0)  # only the pick-up can end the park
+    runner = ThreadRunner(1)
+    try:
+        runner.submit(Job(wait_for_gate, (), {}, ignore))
+        runner.hand_over()
+        assert runner._jobs.empty()
+    finally:
+        gate.set()
+        runner.close()
+
+
+async def test_hand_over_is_bounded_when_every_thread_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_runners, "HAND_OVER", 0.01)
+    runner = ThreadRunner(1)
+    started = threading.Event()
+    try:
+        runner.submit(Job(wait_for_gate, (), {}, ignore, on_start=started.set))
+        assert started.wait(DEADLINE)
+        runner.submit(Job(wait_for_gate, (), {}, ignore))
+        runner.hand_over()  # nobody can take it: the park ends by its bound
+        assert not runner._jobs.empty()
+    finally:
+        gate.set()
+        runner.close()
+
+
+async def test_an_idle_worker_hands_a_claimed_task_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that waited for work parks for the task that came; one with a
+    task running does not (parking on every dispatch would slow a drain)."""
+    parks: list[int] = []
+    original = ThreadRunner.hand_over
+
+    def counted(self: ThreadRunner) -> None:
+        parks.append(self._jobs.qsize())
+        original(self)
+
+    monkeypatch.setattr(ThreadRunner, "hand_over", counted)
+    async with AsyncOmniQ("memory://") as omniq, omniq.worker(concurrency=2):
+        blocking = await omniq.enqueue(wait_for_gate, "first")
+        await until(lambda: len(parks) == 1, "the first task's hand-over")
+        second = await omniq.enqueue(sleepy_sync, 0)
+        assert await omniq.get_result(second, timeout=DEADLINE) == "done"
+        assert len(parks) == 1  # the first one was still running
+        gate.set()
+        assert await omniq.get_result(blocking, timeout=DEADLINE) == "first"

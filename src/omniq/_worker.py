@@ -169,9 +169,16 @@ class AsyncWorker:
             if tasks is None:
                 return  # burst: the queues are empty
             self._backoff.reset()
+            idle = not self._active
             for task in tasks:
                 self._held[task.id] = task
                 self._waiting.append(task)
+            if idle and tasks:
+                # The worker waited for these: start them now, and let a thread
+                # that runs one have the GIL before the loop claims again.
+                self._start_waiting()
+                if self._runner is not None:
+                    self._runner.hand_over()
 
     async def _claim(self, room: int, burst: bool) -> list[Task] | None:
         """Up to ``room`` tasks (waiting for some); None when a burst is over."""

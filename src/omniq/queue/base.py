@@ -167,8 +167,8 @@ class TaskQueue(ABC):
         self, interrupt: asyncio.Event, names: Sequence[str], timeout: float, since: int
     ) -> bool:
         """``_wait`` unless ``interrupt`` is set first; False if interrupted."""
-        waiting = asyncio.ensure_future(self._wait(names, timeout, since))
         if not isinstance(interrupt, Interrupt):
+            waiting = asyncio.ensure_future(self._wait(names, timeout, since))
             interrupted = asyncio.ensure_future(interrupt.wait())
             await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
             for future in (waiting, interrupted):
@@ -178,7 +178,16 @@ class TaskQueue(ABC):
         # One future woken by whichever comes first: no task watching the event, no
         # gather, so a wake-up reaches the claim after it in fewer loop turns.
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiting.add_done_callback(lambda _: wake(first))
+
+        async def wait_then_wake() -> None:
+            # Waking ``first`` from the wait's own last step, not from a done
+            # callback: that would cost one more loop turn.
+            try:
+                await self._wait(names, timeout, since)
+            finally:
+                wake(first)
+
+        waiting = asyncio.ensure_future(wait_then_wake())
         forget = interrupt.on_set(lambda: wake(first))
         if interrupt.is_set():
             wake(first)

@@ -596,3 +596,29 @@ async def test_deliveries_and_acknowledgements_bypass_the_driver(queue: NATSTask
     task = await queue.dequeue()  # a delivery, then the running record's acknowledgement
     assert task is not None and task.id == "fast"
     assert await queue.ack(task)
+
+
+async def test_direct_writes_keep_their_place_behind_the_driver_buffer(
+    queue: NATSTaskQueue,
+) -> None:
+    """``Link.send`` writes to the socket at once; what nats-py's ``publish`` put in
+    its buffer before (not yet written by its flusher task) still goes first."""
+    link = await queue._link()
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def collect(msg: Any) -> None:
+        got.append(msg.data)
+        if len(got) == 3:
+            arrived.set()
+
+    subject = f"{link.inbox}.order"
+    sub = await link.nc.subscribe(subject, cb=collect)
+    await link.nc.flush()
+    await link.nc.publish(subject, b"1")  # buffered: the flusher writes it a loop turn later
+    assert link.nc._pending, "nats-py no longer buffers publish: this test checks nothing"
+    await link.send([(subject, "", b"2", None), (subject, "", b"3", None)])
+    assert not link.nc._pending  # written along with ours
+    await asyncio.wait_for(arrived.wait(), DEADLINE)
+    assert got == [b"1", b"2", b"3"]
+    await sub.unsubscribe()

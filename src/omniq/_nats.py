@@ -46,6 +46,7 @@ import msgspec
 
 from ._errors import ConfigurationError, OmniQError, import_driver
 from ._looplife import ClosedWithLoop
+from .queue._wakeup import wake
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -479,7 +480,8 @@ class Link(ClosedWithLoop):
         self.reconnects = 0
         self.ext: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._bell = asyncio.Event()
+        #: Futures of ``changed`` calls, woken by ``ring``.
+        self._listeners: set[asyncio.Future[None]] = set()
         self._up = asyncio.Event()
         self._up.set()
         self._ids = itertools.count()
@@ -506,20 +508,28 @@ class Link(ClosedWithLoop):
     # -- connection state ---------------------------------------------------------------
     def ring(self) -> None:
         self.generation += 1
-        self._bell.set()
+        for listener in self._listeners:
+            wake(listener)
 
     async def changed(self, since: int, timeout: float | None) -> None:
-        """Return once ``generation`` differs from ``since``, or after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.generation == since and not self.closed:
-            self._bell.clear()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            try:
-                await asyncio.wait_for(self._bell.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+        """Return once ``generation`` differs from ``since``, or after ``timeout``.
+
+        A future of its own that ``ring`` resolves: the wake-up of an idle
+        worker reaches it in one loop turn (an ``Event`` under ``wait_for``
+        takes several).
+        """
+        if self.generation != since or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        listener: asyncio.Future[None] = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, wake, listener)
+        self._listeners.add(listener)
+        try:
+            await listener
+        finally:
+            self._listeners.discard(listener)
+            if timer is not None:
+                timer.cancel()
 
     def disconnected(self) -> None:
         self._up.clear()
@@ -639,16 +649,44 @@ class Link(ClosedWithLoop):
                     for index, (subject, payload, headers) in enumerate(messages)
                 ]
             )
-            await self._await(batch.future, deadline)
+            await self._until_answered(batch, deadline)
             return batch.replies
         finally:
             del self._batches[key]
 
+    async def _until_answered(self, batch: _Batch, deadline: float) -> None:
+        """Wait for every reply of ``batch``, as ``_await`` does for a future.
+
+        The batch's own future is awaited, and a timer resolves it on timeout:
+        the last reply then wakes this task directly, a loop turn sooner than
+        through ``asyncio.wait``'s waiter (every claim waits here).
+        """
+        loop = asyncio.get_running_loop()
+        while batch.left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            reconnects = self.reconnects
+            if batch.future.done():
+                batch.future = loop.create_future()
+            timer = loop.call_later(min(ANSWER_TIMEOUT, remaining), wake, batch.future)
+            try:
+                await batch.future
+            finally:
+                timer.cancel()
+            if batch.left and self.up and self.reconnects == reconnects:
+                return  # connected all along: the answers are lost, not late
+            if batch.left:
+                await self.until_up(max(0.0, deadline - time.monotonic()))
+
     async def send(self, messages: Sequence[tuple[str, str, bytes, dict[str, str] | None]]) -> None:
         """Publish ``(subject, reply, payload, headers)`` messages in one write.
 
-        Through nats-py's pending buffer, as its ``publish`` does (kept across a
-        reconnect), without its per-message checks (see ``wire_message``).
+        Without nats-py's per-message checks (see ``wire_message``). While
+        connected, the write goes to the socket at once, behind whatever nats-py
+        still holds: its flusher task would write it a loop turn later, and that
+        turn is on the path of every claim. While (re)connecting, the messages
+        wait in nats-py's pending buffer, which is kept across a reconnect.
         """
         nc = self.nc
         if not messages:
@@ -658,6 +696,11 @@ class Link(ClosedWithLoop):
         blob, max_payload = bytearray(), nc.max_payload
         for subject, reply, payload, headers in messages:
             blob += wire_message(subject, reply, payload, headers, max_payload)
+        transport = nc._transport
+        if nc.is_connected and transport is not None:
+            pending, nc._pending, nc._pending_data_size = nc._pending, [], 0
+            transport.writelines([*pending, bytes(blob)])
+            return
         await nc._send_command(bytes(blob))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
@@ -754,7 +797,7 @@ class Link(ClosedWithLoop):
         if self.closed:
             return
         self.closed = True
-        self._bell.set()
+        self.ring()
         closing = self.connector.before_close
         if closing is not None:
             try:

@@ -173,7 +173,7 @@ class AsyncWorker:
             for task in tasks:
                 self._held[task.id] = task
                 self._waiting.append(task)
-            if idle and tasks:
+            if idle and tasks and not self._stop_requested.is_set():
                 # The worker waited for these: start them now, and let a thread
                 # that runs one have the GIL before the loop claims again.
                 self._start_waiting()

@@ -622,3 +622,30 @@ async def test_direct_writes_keep_their_place_behind_the_driver_buffer(
     await asyncio.wait_for(arrived.wait(), DEADLINE)
     assert got == [b"1", b"2", b"3"]
     await sub.unsubscribe()
+
+
+async def test_a_task_stored_as_one_wait_ends_and_the_next_begins_is_taken(
+    queue: NATSTaskQueue,
+) -> None:
+    """A worker's wait ends every few seconds and the next begins at once. The
+    first wait's pull must not end with no other pull out: a task stored then
+    would wait for the end of the next wait (5 s in a worker)."""
+    await queue.enqueue(make_task(id="warm-up"))  # the band's consumer exists from here
+    task = await queue.dequeue()
+    assert task is not None and await queue.ack(task)
+    link = await queue._link()
+    [band] = await queue._bands.of_queues(link, ["default"])
+
+    assert await queue.dequeue_many(1, timeout=0.2) == []  # ends; its wait pull lives on
+    first_pull = band.wait_pull
+    assert first_pull is not None
+    second = asyncio.ensure_future(queue.dequeue_many(1, timeout=120))
+
+    async def first_pull_over() -> bool:
+        return first_pull not in band.pulls  # the server ended it
+
+    await until(first_pull_over, "the first wait's pull to end")
+    assert not second.done()
+    await queue.enqueue(make_task(id="between"))
+    [got] = await asyncio.wait_for(second, DEADLINE)
+    assert got.id == "between"

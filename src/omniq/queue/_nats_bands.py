@@ -37,6 +37,12 @@ _FRESH_SHARE = 0.25
 _CLAIM_GRACE = 0.005
 #: How often the list of bands is re-read even without an advisory.
 _BANDS_MAX_AGE = 30.0
+#: A wait pull outlives the wait that armed it by this much, and the next wait
+#: arms a fresh one when the current one ends within ``_RENEW_BEFORE``: a band
+#: is never without a pull between one wait and the next (a message stored
+#: while no pull is out is delivered only when the next one comes).
+_WAIT_OVERLAP = 1.0
+_RENEW_BEFORE = 2.0
 
 
 def ack_info(reply: str) -> tuple[int, int, int]:
@@ -97,9 +103,9 @@ class Band:
     #: Messages the server said were left after our last delivery (0: maybe empty).
     hint: int = 0
     pulls: dict[int, _Pull] = field(default_factory=dict)
-    #: Our outstanding wait pull (the server holds it until work comes) and its end.
+    #: Our newest wait pull (the server holds it until work comes) and when it ends.
     wait_pull: int | None = None
-    waiting_until: float = 0.0
+    wait_ends: float = 0.0
 
 
 class _State:
@@ -181,7 +187,7 @@ class Bands:
             for pull in band.pulls.values():
                 pull.end()
             band.pulls.clear()
-            band.wait_pull, band.waiting_until = None, 0.0
+            band.wait_pull, band.wait_ends = None, 0.0
         self._invalidate(state)
 
     # -- consumers --------------------------------------------------------------------------
@@ -297,19 +303,24 @@ class Bands:
             return
         if status == "100":  # idle heartbeat
             return
+        number = int(msg.subject.rsplit(".", 1)[1])
         if status in ("404", "408"):
             band.hint = 0
         elif status == "409":  # consumer deleted, leadership change, …: list again
             self._invalidate(link.ext)
             link.ring()
-        self._end_pull(band, int(msg.subject.rsplit(".", 1)[1]))
+        if number == band.wait_pull:
+            # The band is left without a wait pull: a waiting claim must arm
+            # another, or a task stored meanwhile would wait for its next round.
+            link.ring()
+        self._end_pull(band, number)
 
     def _end_pull(self, band: Band, number: int) -> None:
         pull = band.pulls.pop(number, None)
         if pull is not None:
             pull.end()
         if number == band.wait_pull:
-            band.wait_pull, band.waiting_until = None, 0.0
+            band.wait_pull, band.wait_ends = None, 0.0
 
     async def _pull(self, link: Link, band: Band, batch: int, expires: float | None) -> int:
         number: int = next(link.ext.numbers)
@@ -342,17 +353,19 @@ class Bands:
             self._end_pull(band, number)
 
     async def wait_pulls(self, link: Link, queues: Sequence[str], expires: float) -> None:
-        """A pull request held by the server on each band of ``queues`` that has none:
-        the next task of any band comes to us by itself."""
+        """A pull request held by the server on each band of ``queues`` for the next
+        ``expires`` seconds: the next task of any band comes to us by itself."""
         now = time.monotonic()
         for band in await self.of_queues(link, queues):
-            if band.waiting_until <= now and not band.buffer:
+            if band.buffer:
+                continue
+            if band.wait_pull is None or band.wait_ends - now < min(expires, _RENEW_BEFORE):
                 await self._check_lease(link, band)
-                await self._arm(link, band, expires)
+                await self._arm(link, band, expires + _WAIT_OVERLAP)
 
     async def _arm(self, link: Link, band: Band, expires: float) -> None:
         band.wait_pull = await self._pull(link, band, 1, expires)
-        band.waiting_until = time.monotonic() + expires + 1.0
+        band.wait_ends = time.monotonic() + expires
 
     def _sweep(self, state: _State) -> list[str]:
         """Take stale deliveries out of the buffers; the ones still ours go back (NAK).

@@ -9,8 +9,17 @@ from typing import Any
 
 import pytest
 
-from omniq import AsyncOmniQ, ConfigurationError, EventType, TaskFailedError, TaskStatus, _runners
+from omniq import (
+    AsyncOmniQ,
+    ConfigurationError,
+    EventType,
+    TaskFailedError,
+    TaskStatus,
+    _eventlog,
+    _runners,
+)
 from omniq._runners import Job, ThreadRunner
+from omniq.events import MemoryEventStorage
 from omniq.queue import MemoryTaskQueue
 from omniq.results.memory import MemoryResultStorage
 
@@ -243,3 +252,38 @@ async def test_an_idle_worker_hands_a_claimed_task_over(monkeypatch: pytest.Monk
         assert len(parks) == 1  # the first one was still running
         gate.set()
         assert await omniq.get_result(blocking, timeout=DEADLINE) == "first"
+
+
+# -- events at close -------------------------------------------------------------------------
+class RecordingEvents(MemoryEventStorage):
+    """Counts writes, and whether one came after close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.late_writes = 0
+
+    async def append(self, events: Any) -> None:
+        if self.closed:
+            self.late_writes += 1
+        await super().append(events)
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+
+async def test_close_leaves_no_event_write_scheduled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing right after an event was emitted writes it, and leaves no write
+    scheduled for later (a task the loop would end with, pending)."""
+    monkeypatch.setattr(_eventlog, "_BATCH_DELAY", 0.0)  # the scheduled write is due at once
+    events = RecordingEvents()
+    omniq = AsyncOmniQ("memory://", event_storage=events)
+    async with omniq:
+        await omniq.enqueue(sleepy_sync, 0)  # emits ENQUEUED: a write is scheduled
+    assert len(await events.query()) == 1  # written by close
+    for _ in range(5):  # the loop turns in which a scheduled write would start and run
+        await asyncio.sleep(0)
+        writes = [t for t in asyncio.all_tasks() if "EventLog.flush" in repr(t.get_coro())]
+        assert writes == []
+    assert events.late_writes == 0

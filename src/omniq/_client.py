@@ -354,7 +354,7 @@ class AsyncOmniQ(_Base):
 
     async def close(self) -> None:
         if self.event_log is not None:
-            await self.event_log.flush()
+            await self.event_log.close()
             await self.event_log.storage.close()
         await self.result_storage.close()
         await self.task_queue.close()

@@ -29,6 +29,7 @@ class EventLog:
         self._flush_scheduled = False
         self._writing = asyncio.Lock()
         self._tasks: set[asyncio.Future[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop that writes batches (the owner's loop)."""
@@ -48,10 +49,14 @@ class EventLog:
             pass
 
     def _schedule_flush(self) -> None:
-        assert self._loop is not None
-        self._loop.call_later(_BATCH_DELAY, self._start_flush)
+        if self._loop is None:  # closed meanwhile; close() wrote the buffer
+            with self._lock:
+                self._flush_scheduled = False
+            return
+        self._timer = self._loop.call_later(_BATCH_DELAY, self._start_flush)
 
     def _start_flush(self) -> None:
+        self._timer = None
         task = asyncio.ensure_future(self.flush())
         self._tasks.add(task)  # keep a reference until done (the loop holds only weak ones)
         task.add_done_callback(self._tasks.discard)
@@ -67,3 +72,14 @@ class EventLog:
                 await self.storage.append(batch)
             except Exception:
                 log.exception("could not write %d events; they are dropped", len(batch))
+
+    async def close(self) -> None:
+        """Write what is buffered, after the writes already started, and stop
+        scheduling: no write is left pending when the owner's loop ends."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+        self._loop = None  # a later emit buffers until the owner binds a loop again

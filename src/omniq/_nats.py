@@ -326,23 +326,38 @@ class Outgoing(NamedTuple):
 
 
 # -- one loop's connection ----------------------------------------------------------------
-class _Batch:
-    __slots__ = ("future", "left", "replies")
+class _Answers:
+    """What a request waits for: ``finish()`` once every answer is in. ``future``
+    wakes the waiter (``Link._await``), which may also wake it on a timeout."""
 
-    def __init__(self, size: int) -> None:
-        self.replies: list[bytes | None] = [None] * size
-        self.left = size
+    __slots__ = ("finished", "future")
+
+    def __init__(self) -> None:
+        self.finished = False
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def finish(self) -> None:
+        self.finished = True
+        wake(self.future)
 
-class _Collector:
-    __slots__ = ("end", "future", "messages", "single")
+
+class _Batch(_Answers):
+    __slots__ = ("left", "replies")
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.replies: list[bytes | None] = [None] * size
+        self.left = size
+
+
+class _Collector(_Answers):
+    __slots__ = ("end", "messages", "single")
 
     def __init__(self, single: bool) -> None:
+        super().__init__()
         self.messages: list[Msg] = []
         self.end: dict[str, str] = {}
         self.single = single
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 def wire_message(
@@ -583,8 +598,8 @@ class Link(ClosedWithLoop):
         if batch is not None and batch.replies[int(index)] is None:
             batch.replies[int(index)] = data
             batch.left -= 1
-            if batch.left == 0 and not batch.future.done():
-                batch.future.set_result(None)
+            if batch.left == 0:
+                batch.finish()
 
     async def _on_reply(self, msg: Msg) -> None:
         tokens = msg.subject[len(self.inbox) + 1 :].split(".")
@@ -596,11 +611,11 @@ class Link(ClosedWithLoop):
             if collector is not None:
                 if status_of(msg) is None:
                     collector.messages.append(msg)
-                    if collector.single and not collector.future.done():
-                        collector.future.set_result(None)
-                elif not collector.future.done():
+                    if collector.single:
+                        collector.finish()
+                elif not collector.finished:
                     collector.end = msg.headers or {}
-                    collector.future.set_result(None)
+                    collector.finish()
 
     # -- JetStream operations -----------------------------------------------------------------
     async def publish_many(
@@ -649,35 +664,10 @@ class Link(ClosedWithLoop):
                     for index, (subject, payload, headers) in enumerate(messages)
                 ]
             )
-            await self._until_answered(batch, deadline)
+            await self._await(batch, deadline)
             return batch.replies
         finally:
             del self._batches[key]
-
-    async def _until_answered(self, batch: _Batch, deadline: float) -> None:
-        """Wait for every reply of ``batch``, as ``_await`` does for a future.
-
-        The batch's own future is awaited, and a timer resolves it on timeout:
-        the last reply then wakes this task directly, a loop turn sooner than
-        through ``asyncio.wait``'s waiter (every claim waits here).
-        """
-        loop = asyncio.get_running_loop()
-        while batch.left:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            reconnects = self.reconnects
-            if batch.future.done():
-                batch.future = loop.create_future()
-            timer = loop.call_later(min(ANSWER_TIMEOUT, remaining), wake, batch.future)
-            try:
-                await batch.future
-            finally:
-                timer.cancel()
-            if batch.left and self.up and self.reconnects == reconnects:
-                return  # connected all along: the answers are lost, not late
-            if batch.left:
-                await self.until_up(max(0.0, deadline - time.monotonic()))
 
     async def send(self, messages: Sequence[tuple[str, str, bytes, dict[str, str] | None]]) -> None:
         """Publish ``(subject, reply, payload, headers)`` messages in one write.
@@ -705,18 +695,31 @@ class Link(ClosedWithLoop):
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
 
-    async def _await(self, future: asyncio.Future[None], deadline: float) -> None:
-        """Wait for ``future``: ``ANSWER_TIMEOUT`` while connected, longer across reconnects."""
-        while not future.done():
+    async def _await(self, answers: _Answers, deadline: float) -> None:
+        """Wait until ``answers`` are in: ``ANSWER_TIMEOUT`` while connected, longer
+        across reconnects.
+
+        The answers' own future is awaited, and a timer resolves it on timeout:
+        the last answer then wakes this task directly, a loop turn sooner than
+        through ``asyncio.wait``'s waiter (every claim waits here).
+        """
+        loop = asyncio.get_running_loop()
+        while not answers.finished:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             reconnects = self.reconnects
-            done, _ = await asyncio.wait({future}, timeout=min(ANSWER_TIMEOUT, remaining))
-            if done:
+            if answers.future.done():
+                answers.future = loop.create_future()
+            timer = loop.call_later(min(ANSWER_TIMEOUT, remaining), wake, answers.future)
+            try:
+                await answers.future
+            finally:
+                timer.cancel()
+            if answers.finished:
                 return
             if self.up and self.reconnects == reconnects:
-                return  # connected all along: the answer is lost, not late
+                return  # connected all along: the answers are lost, not late
             await self.until_up(max(0.0, deadline - time.monotonic()))
 
     async def ensure_stream(self, config: dict[str, Any], what: str) -> dict[str, Any] | None:
@@ -785,10 +788,10 @@ class Link(ClosedWithLoop):
                 await self.nc.publish(
                     f"$JS.API.DIRECT.GET.{stream}", payload, reply=f"{self.inbox}.g.{key}"
                 )
-                await self._await(collector.future, deadline)
+                await self._await(collector, deadline)
             finally:
                 del self._collectors[key]
-            if collector.future.done():
+            if collector.finished:
                 return [stored(m) for m in collector.messages], collector.end
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"direct get from {stream}: no answer")

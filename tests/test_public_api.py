@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import omniq
 from omniq import AsyncOmniQ, ConfigurationError, OmniQ, TaskStatus
+from omniq._task import new_task_id
 from omniq.queue import MemoryTaskQueue, SQLiteTaskQueue
 
 
@@ -141,3 +144,12 @@ def test_pickle_is_an_explicit_opt_in_and_signed() -> None:
         other.worker().run(burst=True)
         task = other.get_task(signed_by_k)
         assert task is not None and task.status is TaskStatus.FAILED  # never unpickled
+
+
+def test_task_ids_are_32_hex_digits_in_creation_order() -> None:
+    ids = [new_task_id() for _ in range(1000)]
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    times = [i[:16] for i in ids]
+    assert times == sorted(times)  # time first: new rows land at the end of an index
+    assert int(ids[0][:16], 16) <= time.time_ns() < int(ids[0][:16], 16) + 60 * 10**9

@@ -413,7 +413,10 @@ class OmniQ:
 
     def enqueue(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> str:
         """Enqueue ``func(*args, **kwargs)``; see :meth:`AsyncOmniQ.enqueue`."""
-        task = self._async.build_task(func, *args, **options)
+        if options:
+            task = self._async.build_task(func, *args, **options)
+        else:  # the usual call, with one layer less: each costs on a cold cache
+            task = self._async._plain_task(func, args)
         self._store([task])
         return task.id
 
@@ -432,10 +435,11 @@ class OmniQ:
         inserted = queue.enqueue_blocking(tasks) if queue.supports_blocking_put else None
         if inserted is None:
             inserted = self._bridge.run(queue.enqueue_many(tasks))
-        self._bind_events()
-        for task, new in zip(tasks, inserted, strict=False):
-            if new:
-                self._async._emit(EventType.ENQUEUED, task)
+        if self._async.event_log is not None:
+            self._bind_events()
+            for task, new in zip(tasks, inserted, strict=False):
+                if new:
+                    self._async._emit(EventType.ENQUEUED, task)
 
     def build_task(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> Task:
         """The task ``enqueue`` would store, not stored; see :meth:`AsyncOmniQ.build_task`."""

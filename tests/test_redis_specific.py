@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from omniq import AsyncOmniQ, ConfigurationError, MissingDependencyError, OmniQ, TaskStatus
@@ -176,6 +177,42 @@ async def test_one_task_is_put_with_flat_arguments_and_lands_like_a_batch(
     assert await queue.size("default") == 5
     got = await queue.dequeue_many(10)
     assert [t.id for t in got[:2]] == [one.id, other.id]  # priority, then FIFO
+
+
+@pytest.mark.parametrize("driver", ["socket", "redis-py"])
+async def test_the_sync_enqueue_stores_any_task_as_the_async_one_does(
+    queue: RedisTaskQueue, client: Any, driver: str
+) -> None:
+    """``enqueue_blocking`` builds put_one's command itself, on a bare socket (plain
+    TCP with hiredis) or on redis-py's connection (TLS, or no hiredis)."""
+    if driver == "redis-py":
+        queue._conn._linked = False
+    odd = [
+        make_task(id="tâche-ü-1", queue_name="fïle", priority=77),
+        make_task(id="t-2", queue_name="fïle", priority=-(2**40)),
+        make_task(id="t-3", queue_name="fïle", due_at=time.time() + 3600),
+        make_task(id="t-4\r\n$5", queue_name="fïle"),
+    ]
+    blocking = {task.id: queue.enqueue_blocking([task]) for task in odd}
+    assert blocking == {task.id: [True] for task in odd}
+    assert [queue.enqueue_blocking([task]) for task in odd] == [[False]] * 4  # idempotent
+    twins = [msgspec.structs.replace(task, id=task.id + "-async") for task in odd]
+    for twin in twins:
+        await queue.enqueue(twin)
+    k = "{" + queue.prefix + "}"
+    for task, twin in zip(odd, twins, strict=True):
+        fields = client.hgetall(f"{k}:t:{task.id}")
+        twin_fields = client.hgetall(f"{k}:t:{twin.id}")
+        assert {f: v for f, v in fields.items() if f != b"n"} == {
+            f: v for f, v in twin_fields.items() if f != b"n"
+        }
+        stored = await queue.get_task(task.id)
+        assert stored is not None and stored.queue_name == "fïle"
+        assert (stored.priority, stored.due_at) == (task.priority, task.due_at)
+    got = await queue.dequeue_many(10, ["fïle"])
+    assert [t.id for t in got] == [
+        "tâche-ü-1", "tâche-ü-1-async", "t-4\r\n$5", "t-4\r\n$5-async", "t-2", "t-2-async"
+    ]  # fmt: skip
 
 
 async def test_a_broken_connection_is_made_again(queue: RedisTaskQueue, client: Any) -> None:

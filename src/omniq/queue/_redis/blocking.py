@@ -13,11 +13,11 @@ if TYPE_CHECKING:
 
 
 class BlockingConnection:
-    """One thread's connection for blocking calls: ``call`` sends a command and
-    returns its reply (an error reply raises); ``disconnect`` drops the socket,
-    and the next call connects again."""
+    """One thread's connection for blocking calls: ``call`` sends a command (a
+    tuple of arguments, or bytes already in RESP) and returns its reply (an error
+    reply raises); ``disconnect`` drops the socket, and the next call connects again."""
 
-    def call(self, command: tuple[Any, ...]) -> Any:
+    def call(self, command: tuple[Any, ...] | bytes) -> Any:
         raise NotImplementedError
 
     def disconnect(self) -> None:
@@ -30,8 +30,11 @@ class DriverConnection(BlockingConnection):
     def __init__(self, conn: Any) -> None:
         self._conn = conn
 
-    def call(self, command: tuple[Any, ...]) -> Any:
-        self._conn.send_command(*command, check_health=False)
+    def call(self, command: tuple[Any, ...] | bytes) -> Any:
+        if isinstance(command, bytes):
+            self._conn.send_packed_command([command], check_health=False)  # chunks
+        else:
+            self._conn.send_command(*command, check_health=False)
         return self._conn.read_response()
 
     def disconnect(self) -> None:
@@ -79,11 +82,11 @@ class SocketConnection(BlockingConnection):
             raise
         return sock
 
-    def call(self, command: tuple[Any, ...]) -> Any:
+    def call(self, command: tuple[Any, ...] | bytes) -> Any:
         sock = self._sock or self._connect()
         reader, buffer = self._reader, self._buffer
         try:
-            sock.sendall(self._pack(command))
+            sock.sendall(command if isinstance(command, bytes) else self._pack(command))
             reply = reader.gets()
             while reply is False:
                 size = sock.recv_into(buffer)

@@ -431,11 +431,15 @@ class RedisConnector:
     # -- sync ----------------------------------------------------------------------------------
     def eval_blocking(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """``eval`` in the caller's thread, on that thread's own connection."""
+        return self.eval_packed_blocking(script, ("EVALSHA", script.sha, len(keys), *keys, *args))
+
+    def eval_packed_blocking(self, script: Script, command: tuple[Any, ...] | bytes) -> Any:
+        """``eval_blocking`` of ``script``'s ``EVALSHA`` as given: its arguments, or
+        already in RESP (``omniq.enqueue``'s, which costs less built directly)."""
         local = self._local.__dict__
         conn = local.get("conn") if local.get("fork") == _forks[0] else None
         if conn is None:
             conn = self._thread_connection()
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         deadline: float | None = None
         delay = RETRY_FIRST
         while True:

@@ -30,6 +30,7 @@ from . import test_event_storages as event_contract
 from .backends import redis as backend
 from .servers._common import unavailable
 from .servers.redis import RedisServer, start_redis_server
+from .servers.tls_proxy import start_tls_proxy
 
 
 def redis_py() -> Any:
@@ -537,6 +538,34 @@ async def test_password_and_db_reach_the_server(tmp_path: Path) -> None:
                 await anonymous.size()
     finally:
         server.stop()
+
+
+def test_tls_urls_reach_the_server_through_a_tls_front(
+    redis_url: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rediss://``: queue (the sync enqueue's own connection and the worker's),
+    results and events, all through a real TLS handshake checked against the CA."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = start_tls_proxy(port, tmp_path)
+    request.addfinalizer(proxy.stop)
+    prefix = backend.unique_prefix(request, redis_url)
+    tls = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={proxy.ca_file}&prefix={prefix}"
+    with OmniQ(tls, event_storage=tls) as omniq:
+        assert omniq.task_queue.settings.ssl
+        task_id = omniq.enqueue(echo, "sealed")
+        assert omniq.enqueue_many(echo, [(1,), (2,)]) != []
+        assert omniq.size() == 3
+        omniq.worker(concurrency=2).run(burst=True)
+        assert omniq.get_result(task_id, timeout=DEADLINE) == "sealed"
+        assert EventType.SUCCEEDED in {e.type for e in omniq.events(task_id=task_id)}
+    with redis_py().Redis.from_url(redis_url) as plain:
+        assert plain.exists(f"{{{prefix}}}:t:{task_id}") == 1  # the same server behind it
+    untrusted = f"rediss://127.0.0.1:{proxy.port}/0?prefix={prefix}"  # the system's CAs
+    with OmniQ(untrusted) as omniq:
+        for call in (lambda: omniq.enqueue(echo, 1), omniq.size):  # sync socket, then a loop's
+            with pytest.raises(redis_py().exceptions.ConnectionError, match="CERTIFICATE"):
+                call()
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]  # raised at once
 
 
 def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

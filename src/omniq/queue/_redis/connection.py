@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -416,7 +417,11 @@ class RedisConnector:
         return deadline, min(delay * 2, RETRY_MAX)
 
     def _check_deadline(self, exc: Exception, deadline: float | None) -> float:
-        if isinstance(exc, self._fatal):
+        # A certificate that fails verification (redis-py wraps the ssl error in a
+        # ConnectionError) fails again on every retry: raise it at once.
+        if isinstance(exc, self._fatal) or isinstance(
+            exc.__cause__ or exc.__context__, ssl.SSLCertVerificationError
+        ):
             raise exc
         now = time.monotonic()
         if deadline is None:

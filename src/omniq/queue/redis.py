@@ -194,7 +194,8 @@ class RedisTaskQueue(TaskQueue):
         self.retention_seconds = retention_seconds
         self._conn = RedisConnector(settings, retry_timeout=retry_timeout)
         self._k = "{" + self.prefix + "}"
-        #: ``put_one``'s ``EVALSHA`` up to its first argument after K, in RESP.
+        #: ``put_one``'s ``EVALSHA`` up to its first argument after K, in RESP. 11
+        #: items: EVALSHA, the SHA, no keys, and the 8 arguments of ``_put_one_args``.
         self._put_one_prefix = b"*11\r\n" + b"".join(
             _bulk(arg.encode()) for arg in ("EVALSHA", _PUT_ONE.sha, "0", self._k)
         )

@@ -624,6 +624,41 @@ def test_tls_reaches_the_server_through_a_tls_front(
         untrusted.enqueue(echo, 1)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the TLS front needs start_tls on streams")
+async def test_a_certificate_that_stops_verifying_raises_without_retrying(
+    postgres_dsn: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connected once, connections are retried for ``reconnect_timeout``; not when the
+    server comes back with a certificate the client does not trust."""
+    proxy = await asyncio.to_thread(  # the front runs a loop of its own
+        start_tls_proxy, postgres_server.port, tmp_path / "first", postgres=True
+    )
+    schema = postgres_dsn.split("?schema=")[1]
+    dsn = (
+        f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres?schema={schema}"
+        f"&sslmode=verify-full&sslrootcert={proxy.ca_file}"
+    )
+    queue = PostgreSQLTaskQueue(dsn)
+    try:
+        assert await queue.size() == 0
+        await asyncio.to_thread(proxy.stop)
+        impostor = await asyncio.to_thread(
+            start_tls_proxy, postgres_server.port, tmp_path / "second", postgres=True,
+            port=proxy.port,
+        )  # fmt: skip
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await queue.size()
+        finally:
+            await asyncio.to_thread(impostor.stop)
+    finally:
+        await queue.close()
+    assert not [r for r in caplog.records if "reconnecting" in r.getMessage()]
+
+
 def test_sync_facade_enqueues_from_many_threads(postgres_dsn: str) -> None:
     with OmniQ(postgres_dsn) as omniq:
         ids: list[str] = []

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from collections import deque
@@ -390,6 +391,8 @@ class Database:
         """A lost or refused connection, worth retrying once we have been connected."""
         if not self._connected_once:
             return False
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return False  # an OSError, but the certificate fails every retry the same way
         pg = self._asyncpg
         retry = (
             OSError,

@@ -59,9 +59,12 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 _SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
 
 
-def start_tls_proxy(target_port: int, directory: Path, *, postgres: bool = False) -> TlsProxy:
-    """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``; ``postgres``:
-    TLS after PostgreSQL's ``SSLRequest`` (a client that does not ask stays plain)."""
+def start_tls_proxy(
+    target_port: int, directory: Path, *, postgres: bool = False, port: int = 0
+) -> TlsProxy:
+    """A running ``TlsProxy`` in front of ``127.0.0.1:target_port``, on ``port`` (0: any
+    free one); ``postgres``: TLS after PostgreSQL's ``SSLRequest`` (a client that does
+    not ask stays plain). Each call makes a new CA."""
     certificates = make_certificates(directory / "tls")
     context = certificates.server_context()
     loop = asyncio.new_event_loop()
@@ -99,7 +102,7 @@ def start_tls_proxy(target_port: int, directory: Path, *, postgres: bool = False
             relays.discard(task)
 
     tls = None if postgres else context
-    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", 0, ssl=tls))
+    server = loop.run_until_complete(asyncio.start_server(relay, "127.0.0.1", port, ssl=tls))
     port = int(server.sockets[0].getsockname()[1])
     thread = threading.Thread(target=loop.run_forever, name="tls-proxy", daemon=True)
     thread.start()

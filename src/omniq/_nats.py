@@ -46,7 +46,7 @@ import msgspec
 
 from ._errors import ConfigurationError, OmniQError, import_driver
 from ._looplife import ClosedWithLoop
-from .queue._wakeup import wake
+from .queue._wakeup import Wakeup, wake
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -510,12 +510,11 @@ class Link(ClosedWithLoop):
         self.connector = connector
         self.nc = nc
         self.closed = False
-        self.generation = 0
         self.reconnects = 0
         self.ext: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        #: Futures of ``changed`` calls, woken by ``ring``.
-        self._listeners: set[asyncio.Future[None]] = set()
+        #: Woken by ``ring``; its generation is ``generation``.
+        self._bell = Wakeup()
         self._up = asyncio.Event()
         self._up.set()
         self._ids = itertools.count()
@@ -540,30 +539,17 @@ class Link(ClosedWithLoop):
         await self._close_with_loop()
 
     # -- connection state ---------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return self._bell.generation
+
     def ring(self) -> None:
-        self.generation += 1
-        for listener in self._listeners:
-            wake(listener)
+        self._bell.notify()
 
     async def changed(self, since: int, timeout: float | None) -> None:
-        """Return once ``generation`` differs from ``since``, or after ``timeout``.
-
-        A future of its own that ``ring`` resolves: the wake-up of an idle
-        worker reaches it in one loop turn (an ``Event`` under ``wait_for``
-        takes several).
-        """
-        if self.generation != since or self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        listener: asyncio.Future[None] = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, wake, listener)
-        self._listeners.add(listener)
-        try:
-            await listener
-        finally:
-            self._listeners.discard(listener)
-            if timer is not None:
-                timer.cancel()
+        """Return once ``generation`` differs from ``since``, or after ``timeout``."""
+        if not self.closed:
+            await self._bell.wait(timeout, since)
 
     def disconnected(self) -> None:
         self._up.clear()

@@ -60,12 +60,24 @@ class Wakeup:
             if since is not None and since != self.generation:
                 return True
             self._waiters.append(entry)
+        # The future itself is awaited, and a timer resolves it on timeout: a
+        # notify then resumes the waiter in one loop turn (asyncio.wait and
+        # wait_for take more, and wait_for on 3.11 can swallow a cancel).
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            if not future.done():
+                timed_out = True
+                future.set_result(None)
+
+        timer = None if timeout is None else loop.call_later(max(timeout, 0.0), time_out)
         try:
-            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancel
-            # that lands as the future completes, and the caller waits on.
-            await asyncio.wait({future}, timeout=timeout)
-            return future.done()
+            await future
+            return not timed_out
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 if entry in self._waiters:
                     self._waiters.remove(entry)

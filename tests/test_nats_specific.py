@@ -29,6 +29,7 @@ from omniq._nats_blocking import BlockingPublisher, ServerRefused
 from omniq.events import Event, EventStorage, EventType
 from omniq.events.nats import NATSEventStorage
 from omniq.queue import NATSTaskQueue
+from omniq.queue._nats_bands import ack_consumer, ack_info
 from omniq.results import TaskResult
 from omniq.results.nats import NATSResultStorage
 from omniq.testing.contract import async_double, echo, make_task
@@ -719,3 +720,20 @@ async def test_acks_are_processed_when_ack_many_returns(queue: NATSTaskQueue) ->
             info = await link.api(f"CONSUMER.INFO.{queue.stream}.{band.name}")
             assert info["num_ack_pending"] == 0, (round_, band.name)
         assert await queue.size() == 0
+
+
+@pytest.mark.parametrize(
+    ("reply", "consumer", "info"),
+    [
+        ("$JS.ACK.S.C.2.17.9.1764290000.3", "S.C", (2, 17, 3)),
+        ("$JS.ACK.dom.acc.S.C.2.17.9.1764290000.3", "dom.acc.S.C", (2, 17, 3)),
+        ("$JS.ACK.dom.acc.S.C.2.17.9.1764290000.3.x1", "dom.acc.S.C", (2, 17, 3)),
+    ],
+    ids=["v1", "v2", "v2-token"],
+)
+def test_ack_subjects_name_their_consumer_and_delivery(
+    reply: str, consumer: str, info: tuple[int, int, int]
+) -> None:
+    """Acks are confirmed once per consumer (``_ack_all``): both subject formats."""
+    assert ack_consumer(reply) == consumer
+    assert ack_info(reply) == info

@@ -54,6 +54,12 @@ def ack_info(reply: str) -> tuple[int, int, int]:
     return int(parts[6]), int(parts[7]), int(parts[10])
 
 
+def ack_consumer(reply: str) -> str:
+    """The stream and consumer named by a JetStream ack subject (formats as in ``ack_info``)."""
+    parts = reply.split(".")
+    return ".".join(parts[2:4] if len(parts) == 9 else parts[2:6])
+
+
 def _window(bands: Sequence[Band], start: int, need: int) -> list[Band]:
     """Bands from ``start`` until, by what they last said they hold, ``need`` is covered."""
     window: list[Band] = []

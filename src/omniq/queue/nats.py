@@ -64,7 +64,7 @@ from .._nats import (
 )
 from .._nats_blocking import BlockingPublisher, can_log_in
 from .._task import TaskStatus
-from ._nats_bands import Bands, ack_info
+from ._nats_bands import Bands, ack_consumer, ack_info
 from .base import LeaseRef, NewRow, StoredRow, TaskQueue
 
 if TYPE_CHECKING:
@@ -464,7 +464,7 @@ class NATSTaskQueue(TaskQueue):
         worker would otherwise wait for tasks that are done). An answer for
         every one would cost a drain about a tenth of its rate.
         """
-        last = {ack.subject.rsplit(".", 5)[0]: i for i, ack in enumerate(acks)}  # by consumer
+        last = {ack_consumer(ack.subject): i for i, ack in enumerate(acks)}
         confirmed = set(last.values())
         rest = [ack for i, ack in enumerate(acks) if i not in confirmed]
         await link.send([(ack.subject, "", ack.payload, None) for ack in rest])

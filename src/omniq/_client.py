@@ -435,11 +435,14 @@ class OmniQ:
         inserted = queue.enqueue_blocking(tasks) if queue.supports_blocking_put else None
         if inserted is None:
             inserted = self._bridge.run(queue.enqueue_many(tasks))
-        if self._async.event_log is not None:
-            self._bind_events()
-            for task, new in zip(tasks, inserted, strict=False):
-                if new:
-                    self._async._emit(EventType.ENQUEUED, task)
+        log = self._async.event_log
+        if log is None:
+            return
+        if log._loop is None:  # events are written on the bridge loop
+            log.bind(self._bridge.loop)
+        for task, new in zip(tasks, inserted, strict=False):
+            if new:
+                self._async._emit(EventType.ENQUEUED, task)
 
     def build_task(self, func: Callable[..., Any] | str, *args: Any, **options: Any) -> Task:
         """The task ``enqueue`` would store, not stored; see :meth:`AsyncOmniQ.build_task`."""
@@ -478,11 +481,6 @@ class OmniQ:
         from ._worker import Worker
 
         return Worker(self._async.worker(queues, concurrency, kind, **options), self._bridge)
-
-    def _bind_events(self) -> None:
-        log = self._async.event_log
-        if log is not None and log._loop is None:
-            log.bind(self._bridge.loop)
 
     def close(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ssl
 from types import ModuleType
 
 
@@ -30,6 +31,16 @@ def import_driver(*modules: str, needed_by: str, extra: str) -> ModuleType:
     except ImportError as exc:
         raise MissingDependencyError(f"{needed_by}: pip install 'omniq[{extra}]'") from exc
     return importlib.import_module(modules[0].partition(".")[0])
+
+
+def certificate_rejected(exc: BaseException) -> bool:
+    """Whether a connect error is a TLS certificate that failed verification, raised
+    as is or wrapped by a driver (redis-py's ``ConnectionError``). Every retry
+    would fail the same way: connections raise it at once instead of retrying."""
+    wrapped = exc.__cause__ or exc.__context__
+    return isinstance(exc, ssl.SSLCertVerificationError) or isinstance(
+        wrapped, ssl.SSLCertVerificationError
+    )
 
 
 class SerializationError(OmniQError, TypeError):

@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote
 
 import msgspec
 
-from ._errors import ConfigurationError, OmniQError, import_driver
+from ._errors import ConfigurationError, OmniQError, certificate_rejected, import_driver
 from ._looplife import ClosedWithLoop
 from .queue._wakeup import Wakeup, wake
 
@@ -881,7 +881,8 @@ class Connector:
         verification, credentials the server refuses (nats-py reports the server's
         "Authorization Violation" as a plain error)."""
         return (
-            isinstance(exc, (ssl.SSLCertVerificationError, self.nats.errors.AuthorizationError))
+            certificate_rejected(exc)
+            or isinstance(exc, self.nats.errors.AuthorizationError)
             or "authorization violation" in str(exc).lower()
         )
 

@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 from collections import deque
@@ -44,7 +43,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._errors import ConfigurationError, import_driver
+from ._errors import ConfigurationError, certificate_rejected, import_driver
 from ._looplife import ClosedWithLoop
 
 if TYPE_CHECKING:
@@ -391,8 +390,8 @@ class Database:
         """A lost or refused connection, worth retrying once we have been connected."""
         if not self._connected_once:
             return False
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return False  # an OSError, but the certificate fails every retry the same way
+        if certificate_rejected(exc):
+            return False  # an OSError, but one that every retry meets again
         pg = self._asyncpg
         retry = (
             OSError,

@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..._errors import import_driver
+from ..._errors import certificate_rejected, import_driver
 from ..._looplife import ClosedWithLoop
 from .._wakeup import retrieve_exception
 from .blocking import BlockingConnection, DriverConnection, SocketConnection
@@ -417,11 +416,7 @@ class RedisConnector:
         return deadline, min(delay * 2, RETRY_MAX)
 
     def _check_deadline(self, exc: Exception, deadline: float | None) -> float:
-        # A certificate that fails verification (redis-py wraps the ssl error in a
-        # ConnectionError) fails again on every retry: raise it at once.
-        if isinstance(exc, self._fatal) or isinstance(
-            exc.__cause__ or exc.__context__, ssl.SSLCertVerificationError
-        ):
+        if isinstance(exc, self._fatal) or certificate_rejected(exc):
             raise exc
         now = time.monotonic()
         if deadline is None:
